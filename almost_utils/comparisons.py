@@ -1,0 +1,195 @@
+"""Step 1: synthetic comparisons from rules of thumb.
+
+Responses to the same query from differently prompted vanilla models are assumed to rank as
+their configurations do in the *rubric* (bigger model, more shots, better demonstrations first).
+This module samples those responses, drops bad ones, pairs the rest down the rubric and applies
+the Heuristic Filter.
+
+Outputs under ``results/<run>/comparisons/``:
+
+* ``responses/<config>.<chunk>.jsonl`` - ``{"query_id", "config", "response", "bad"}`` where
+  ``bad`` is None or the reason the response was dropped; written per chunk, so an interrupted
+  run resumes without losing finished generations.
+* ``pairs_no_hf.jsonl`` - every pair, filter off (the ablation of Step 2 trains on it).
+* ``pairs.jsonl`` - the pairs that survive the Heuristic Filter (or all, when it is switched off)::
+
+    {"query_id": 7, "prompt": "How do I ...?", "chosen": "...", "rejected": "...",
+     "chosen_config": "large-faithful-3shot", "rejected_config": "large-hhh-1shot"}
+"""
+from __future__ import annotations
+
+import statistics
+import zlib
+from dataclasses import dataclass
+
+from .artifacts import Manifest, ResumableJsonl, read_jsonl, write_jsonl
+from .config import Configuration, RunConfig
+from .dialogue import STOP_STRINGS, few_shot_prefix, load_dialogues, open_turn
+from .sampling import SamplingParams
+
+CHUNK_QUERIES = 64   # queries per resumable unit of sampling
+
+
+# --------------------------------------------------------------------------- bad responses
+def bad_reason(text: str, min_chars: int = 50, require_final_punctuation: bool = True) -> str | None:
+    """Why a response is bad (METHOD.md, Step 1), or None if it is usable.
+
+    >>> bad_reason("Well, it depends on many things you have not told me yet, sadly.")
+    'starts with well'
+    """
+    t = text.strip()
+    low = t.lower()
+    if len(t) < min_chars:
+        return "too short"
+    if "human:" in low or "assistant:" in low:
+        return "new speaker turn"
+    if t.endswith(("?", ":")):
+        return "ends with ? or :"
+    if low.startswith("well"):
+        return "starts with well"
+    if "don't know" in low or "do not know" in low:
+        return "says it does not know"
+    if require_final_punctuation and not t.endswith((".", "!")):
+        return "no final . or !"
+    return None
+
+
+# --------------------------------------------------------------------------- pairing
+@dataclass
+class Candidate:
+    config: str
+    rank: int          # 0 = best rank of the rubric
+    response: str
+
+
+def pair_down_rubric(candidates: list[Candidate]) -> list[tuple[Candidate, Candidate]]:
+    """Pairs ``(chosen, rejected)`` for one query, going down the rubric.
+
+    Candidates are the *good* responses. Each one is "chosen" at most once, against the first
+    response of a strictly worse rank below it, so K responses give at most K-1 pairs (a chain
+    that branches at ties) and tied configurations are never compared with each other.
+    """
+    ordered = sorted(candidates, key=lambda c: c.rank)
+    pairs = []
+    for i, chosen in enumerate(ordered):
+        worse = next((c for c in ordered[i + 1:] if c.rank > chosen.rank), None)
+        if worse is not None:
+            pairs.append((chosen, worse))
+    return pairs
+
+
+def heuristic_filter_keep(chosen_len: int, rejected_len: int, lengths: list[int]) -> bool:
+    """The Heuristic Filter: distrust a chosen answer that is both shorter and unusually short.
+
+    ``lengths`` are the character lengths of all good responses to the query; with M their mean
+    and S their population standard deviation, a pair is dropped when
+    ``chosen_len < rejected_len and chosen_len < M - S / 2``.
+    """
+    mean = statistics.fmean(lengths)
+    std = statistics.pstdev(lengths)
+    return not (chosen_len < rejected_len and chosen_len < mean - std / 2)
+
+
+def build_pairs(queries: list[dict], responses: dict[str, dict[int, dict]],
+                ranks: dict[str, int]) -> tuple[list[dict], list[dict]]:
+    """``(all_pairs, pairs_after_heuristic_filter)`` from responses keyed by config, query id."""
+    all_pairs, kept = [], []
+    for q in queries:
+        cands = [Candidate(name, ranks[name], rows[q["id"]]["response"].strip())
+                 for name, rows in responses.items()
+                 if q["id"] in rows and rows[q["id"]]["bad"] is None]
+        lengths = [len(c.response) for c in cands]
+        for chosen, rejected in pair_down_rubric(cands):
+            row = {"query_id": q["id"], "prompt": q["query"], "chosen": chosen.response,
+                   "rejected": rejected.response, "chosen_config": chosen.config,
+                   "rejected_config": rejected.config}
+            all_pairs.append(row)
+            if heuristic_filter_keep(len(chosen.response), len(rejected.response), lengths):
+                kept.append(row)
+    return all_pairs, kept
+
+
+# --------------------------------------------------------------------------- sampling
+def rubric_ranks(cfg: RunConfig) -> dict[str, int]:
+    return {conf.name: i for i, rank in enumerate(cfg.comparisons.rubric) for conf in rank}
+
+
+def configurations(cfg: RunConfig) -> list[Configuration]:
+    return [conf for rank in cfg.comparisons.rubric for conf in rank]
+
+
+def prompt_prefix(cfg: RunConfig, conf: Configuration) -> str:
+    """The few-shot prefix of a configuration: preamble + its first ``shots`` demonstrations."""
+    c = cfg.comparisons
+    preamble = cfg.path(c.preamble).read_text()
+    dialogues = load_dialogues(cfg.path(c.demonstrations[conf.demos]))
+    return few_shot_prefix(preamble, dialogues, conf.shots)
+
+
+def _chunk_seed(seed: int, name: str, chunk: int) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode()) * 101 + chunk) % (2**63)
+
+
+def sample_responses(cfg: RunConfig, queries: list[dict], engines=None, progress: bool = True) -> dict:
+    """Sample (or resume) one response per query per configuration; returns rows by config."""
+    c = cfg.comparisons
+    store = ResumableJsonl(cfg.stage_dir("comparisons") / "responses")
+    chunks = [queries[i:i + CHUNK_QUERIES] for i in range(0, len(queries), CHUNK_QUERIES)]
+    by_model: dict[str, list[Configuration]] = {}
+    for conf in configurations(cfg):
+        by_model.setdefault(conf.model, []).append(conf)
+    for model_key, confs in by_model.items():
+        todo = [(conf, i) for conf in confs for i in range(len(chunks)) if not store.done(f"{conf.name}.{i:04d}")]
+        if not todo:
+            continue
+        engine = (engines or {}).get(model_key)
+        if engine is None:   # load each model once, and only if it still has work to do
+            from .engines import load_engine
+            engine = load_engine(cfg, model_key, progress=progress)
+        for conf, i in todo:
+            params = SamplingParams(max_new_tokens=c.max_new_tokens[conf.demos], temperature=c.temperature,
+                                    top_p=c.top_p, stop=STOP_STRINGS, seed=_chunk_seed(cfg.seed, conf.name, i))
+            prompts = [open_turn([("Human", q["query"])]) for q in chunks[i]]
+            texts = engine.generate(prompts, params, prefix=prompt_prefix(cfg, conf),
+                                    desc=f"{conf.name} {i + 1}/{len(chunks)}")
+            store.put(f"{conf.name}.{i:04d}", [
+                {"query_id": q["id"], "config": conf.name, "response": t.strip(),
+                 "bad": bad_reason(t, c.min_chars, c.require_final_punctuation)}
+                for q, t in zip(chunks[i], texts)])
+        del engine
+    return load_responses(cfg)
+
+
+def load_responses(cfg: RunConfig) -> dict[str, dict[int, dict]]:
+    """Responses on disk, as ``{config: {query_id: row}}``."""
+    store = ResumableJsonl(cfg.stage_dir("comparisons") / "responses")
+    out: dict[str, dict[int, dict]] = {conf.name: {} for conf in configurations(cfg)}
+    for key in store.keys():
+        name = key.rsplit(".", 1)[0]
+        if name in out:
+            out[name].update({r["query_id"]: r for r in store.get(key)})
+    return out
+
+
+def build_comparisons(cfg: RunConfig, engines=None, progress: bool = True) -> list[dict]:
+    """Run (or resume) Step 1 end to end and return the filtered pairs."""
+    c = cfg.comparisons
+    out = cfg.stage_dir("comparisons")
+    queries = read_jsonl(cfg.run_dir / "queries" / "queries.jsonl")
+    if c.num_queries is not None:
+        queries = queries[:c.num_queries]
+    if not queries:
+        raise ValueError("Step 1 needs queries, and queries.jsonl is empty")
+    with Manifest(cfg, "comparisons") as man:
+        with man.timer("sampling"):
+            responses = sample_responses(cfg, queries, engines, progress)
+        all_pairs, filtered = build_pairs(queries, responses, rubric_ranks(cfg))
+        pairs = filtered if c.heuristic_filter else all_pairs
+        write_jsonl(out / "pairs_no_hf.jsonl", all_pairs)
+        write_jsonl(out / "pairs.jsonl", pairs)
+        man.count("queries", len(queries))
+        man.count("responses", {k: len(v) for k, v in responses.items()})
+        man.count("bad_responses", {k: sum(r["bad"] is not None for r in v.values()) for k, v in responses.items()})
+        man.count("pairs_before_filter", len(all_pairs))
+        man.count("pairs", len(pairs))
+    return pairs

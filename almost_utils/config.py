@@ -1,0 +1,402 @@
+"""One YAML recipe holds every parameter of a run.
+
+The recipe is parsed into typed dataclasses and validated before anything heavy happens, so a
+typo or a bad value fails in a second with the dotted path of the offending field
+(``comparisons.rubric[2].shots: expected an integer, got 'three'``) instead of an hour into a
+run. Recipes live in ``data/configs/<scale>.yaml``; notebooks take the path plus overrides::
+
+    cfg = load_config("data/configs/cpu.yaml", {"queries.num_queries": 40})
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A recipe is malformed; the message names the field."""
+
+
+# --------------------------------------------------------------------------- schema
+@dataclass
+class TinySpec:
+    """Shape of a randomly initialised model built around a real tokenizer (tests, demos)."""
+    num_layers: int = 2
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_attention_heads: int = 2
+    num_key_value_heads: int = 1
+    head_dim: int = 32
+    sliding_window: int = 16
+
+
+@dataclass
+class ModelSpec:
+    """Where a model comes from and how to load it.
+
+    ``source`` is a hub id or local folder (``Qwen/Qwen2.5-0.5B``), a packaged offline model
+    (``packaged:gemma-3-270m``, ``packaged:smollm2-135m-instruct``) or ``tiny:<source>`` for a
+    random model that borrows the tokenizer of ``<source>``.
+    """
+    source: str
+    drop_layers: Optional[list[int]] = None   # remove these decoder layers (a smaller model)
+    load_in_4bit: bool = False            # bitsandbytes NF4 (QLoRA); CUDA only
+    dtype: str = "auto"                   # auto | float32 | bfloat16 | float16
+    tiny: Optional[TinySpec] = None
+
+
+@dataclass
+class SamplingConfig:
+    backend: str = "transformers"         # transformers | vllm
+    batch_size: int = 16
+    gpu_memory_utilization: float = 0.85  # vllm only
+    max_model_len: Optional[int] = None   # vllm only: context to reserve KV cache for (None = the model's)
+    tensor_parallel_size: int = 1         # vllm only: GPUs one model is split over
+
+
+@dataclass
+class QueriesConfig:
+    """Step 0: self-instruct query generation (METHOD.md)."""
+    model: str
+    seeds_file: str = "data/seed_queries.txt"
+    num_queries: int = 200
+    shots: int = 10
+    temperature: float = 1.2
+    top_p: float = 0.9
+    max_new_tokens: int = 64
+    min_chars: int = 30
+    max_chars: int = 250
+    rouge_threshold: float = 0.5
+    max_attempts: int = 4000              # give up after this many generations
+
+
+@dataclass
+class Configuration:
+    """One way of prompting a vanilla model: (model, demonstration set, shots)."""
+    model: str
+    demos: str
+    shots: int
+    name: Optional[str] = None
+
+    def __post_init__(self):
+        if self.name is None:
+            self.name = f"{self.model}-{self.demos}-{self.shots}shot"
+
+
+@dataclass
+class ComparisonsConfig:
+    """Step 1: synthetic comparisons from a rubric of configurations."""
+    rubric: list[list[Configuration]]     # best rank first; several entries in a rank = a tie
+    preamble: str = "data/demonstrations/preamble.txt"
+    demonstrations: dict[str, str] = field(default_factory=lambda: {
+        "hhh": "data/demonstrations/hhh.txt", "faithful": "data/demonstrations/faithful.txt"})
+    num_queries: Optional[int] = None     # None = every Step-0 query
+    temperature: float = 1.0
+    top_p: float = 0.9
+    max_new_tokens: dict[str, int] = field(default_factory=lambda: {"faithful": 768, "hhh": 384})
+    min_chars: int = 50
+    require_final_punctuation: bool = True   # drop responses not ending in . or ! (tiny: off)
+    heuristic_filter: bool = True
+
+
+@dataclass
+class RewardModelConfig:
+    """Step 2: reward model on the synthetic comparisons (LoRA on CPU, QLoRA on CUDA)."""
+    model: str                            # a key of ``models``: the backbone
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.1
+    epochs: int = 1
+    batch_size: int = 8                   # pairs per device step
+    grad_accum: int = 1
+    warmup_ratio: float = 0.03
+    lr_scheduler: str = "cosine"
+    max_length: int = 1024                # tokens, left-truncated
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    gradient_checkpointing: bool = False
+    eval_fraction: float = 0.1            # held-out share of the synthetic pairs (split by query)
+    ablation_no_heuristic_filter: bool = True
+    bootstrap_samples: int = 1000
+    lora_layers: Optional[int] = None     # LoRA on the top N decoder layers only (None = all): backward stops early
+    lora_target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    logging_steps: int = 5                # optimizer steps between training-log rows
+    eval_steps: Optional[int] = None      # held-out evaluation every N optimizer steps while training (None: at the end only)
+    max_train_pairs: Optional[int] = None  # seeded subsample of the training pairs of each RM (None = all)
+    score_batch_size: int = 16            # sequences per forward pass when scoring
+    hhh_dir: Optional[str] = None         # a folder laid out like data/bigbench/ (None = that cache, fetched once)
+
+
+@dataclass
+class RunConfig:
+    run_name: str
+    output_dir: str
+    seed: int
+    models: dict[str, ModelSpec]
+    queries: QueriesConfig
+    comparisons: ComparisonsConfig
+    device: str = "auto"                  # auto | cpu | cuda
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    reward_model: Optional[RewardModelConfig] = None
+
+    # ---------------------------------------------------------------- helpers
+    def path(self, p: str | Path) -> Path:
+        """Resolve a config path relative to the repository root."""
+        p = Path(p)
+        return p if p.is_absolute() else REPO_ROOT / p
+
+    @property
+    def run_dir(self) -> Path:
+        return self.path(self.output_dir)
+
+    def stage_dir(self, stage: str) -> Path:
+        d = self.run_dir / stage
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+VALID_DEVICES = ("auto", "cpu", "cuda")
+VALID_BACKENDS = ("transformers", "vllm")
+VALID_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+# --------------------------------------------------------------------------- parsing
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value, tp, where: str):
+    """Check ``value`` against type hint ``tp`` and build dataclasses recursively."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], where)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):       # built earlier with a more precise path (the rubric)
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        _, val_tp = typing.get_args(tp)
+        return {str(k): _convert(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
+
+
+def _build(cls, data: dict, where: str):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown field (known: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, f in fields.items():
+        path = f"{where}.{name}" if where else name
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], path)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{path}: missing required field")
+    return cls(**kwargs)
+
+
+def _rubric_ranks(raw, where: str) -> list[list[Configuration]]:
+    """Each rank is one configuration mapping or a list of tied ones; paths name both forms."""
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{where}: expected a non-empty list of configurations")
+    ranks = []
+    for i, r in enumerate(raw):
+        if isinstance(r, list):
+            ranks.append([_convert(c, Configuration, f"{where}[{i}][{j}]") for j, c in enumerate(r)])
+        else:
+            ranks.append([_convert(r, Configuration, f"{where}[{i}]")])
+    return ranks
+
+
+def _check_positive(value, where: str, allow_zero=False):
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{where}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _validate(cfg: RunConfig) -> None:
+    if cfg.device not in VALID_DEVICES:
+        raise ConfigError(f"device: must be one of {VALID_DEVICES}, got {cfg.device!r}")
+    if cfg.sampling.backend not in VALID_BACKENDS:
+        raise ConfigError(f"sampling.backend: must be one of {VALID_BACKENDS}, got {cfg.sampling.backend!r}")
+    _check_positive(cfg.sampling.batch_size, "sampling.batch_size")
+    if not cfg.models:
+        raise ConfigError("models: at least one model is needed")
+    for name, spec in cfg.models.items():
+        if spec.dtype not in VALID_DTYPES:
+            raise ConfigError(f"models.{name}.dtype: must be one of {VALID_DTYPES}, got {spec.dtype!r}")
+        if spec.drop_layers is not None and (not spec.drop_layers or min(spec.drop_layers) < 0):
+            raise ConfigError(f"models.{name}.drop_layers: give layer indices >= 0, got {spec.drop_layers}")
+        if spec.source.startswith("tiny:") != (spec.tiny is not None):
+            raise ConfigError(f"models.{name}.tiny: give a tiny shape exactly when source starts with 'tiny:'")
+    q = cfg.queries
+    if q.model not in cfg.models:
+        raise ConfigError(f"queries.model: unknown model {q.model!r} (models: {', '.join(cfg.models)})")
+    for key in ("num_queries", "shots", "max_new_tokens", "min_chars", "max_chars", "max_attempts"):
+        _check_positive(getattr(q, key), f"queries.{key}")
+    if q.min_chars > q.max_chars:
+        raise ConfigError(f"queries.min_chars: {q.min_chars} is above queries.max_chars {q.max_chars}")
+    if not 0 < q.rouge_threshold <= 1:
+        raise ConfigError(f"queries.rouge_threshold: must be in (0, 1], got {q.rouge_threshold}")
+    for section, sec in (("queries", q), ("comparisons", cfg.comparisons)):
+        if sec.temperature < 0:
+            raise ConfigError(f"{section}.temperature: must be >= 0, got {sec.temperature}")
+        if not 0 < sec.top_p <= 1:
+            raise ConfigError(f"{section}.top_p: must be in (0, 1], got {sec.top_p}")
+    c = cfg.comparisons
+    _check_positive(c.num_queries, "comparisons.num_queries")
+    names = set()
+    n_configs = sum(len(rank) for rank in c.rubric)
+    if n_configs < 2:
+        raise ConfigError("comparisons.rubric: needs at least two configurations to compare")
+    for i, rank in enumerate(c.rubric):
+        if not rank:
+            raise ConfigError(f"comparisons.rubric[{i}]: empty rank")
+        for j, conf in enumerate(rank):
+            where = f"comparisons.rubric[{i}]" + (f"[{j}]" if len(rank) > 1 else "")
+            if conf.model not in cfg.models:
+                raise ConfigError(f"{where}.model: unknown model {conf.model!r} (models: {', '.join(cfg.models)})")
+            if conf.demos not in c.demonstrations:
+                raise ConfigError(f"{where}.demos: unknown demonstration set {conf.demos!r} "
+                                  f"(known: {', '.join(c.demonstrations)})")
+            if conf.demos not in c.max_new_tokens:
+                raise ConfigError(f"comparisons.max_new_tokens: no entry for demonstration set {conf.demos!r}")
+            _check_positive(conf.shots, f"{where}.shots", allow_zero=True)
+            if conf.name in names:
+                raise ConfigError(f"{where}.name: configuration {conf.name!r} appears twice")
+            names.add(conf.name)
+    rm = cfg.reward_model
+    if rm is not None:
+        if rm.model not in cfg.models:
+            raise ConfigError(f"reward_model.model: unknown model {rm.model!r} (models: {', '.join(cfg.models)})")
+        for key in ("epochs", "batch_size", "grad_accum", "max_length", "lora_r", "lora_alpha", "bootstrap_samples",
+                    "lora_layers", "logging_steps", "eval_steps", "max_train_pairs", "score_batch_size",
+                    "learning_rate"):
+            _check_positive(getattr(rm, key), f"reward_model.{key}")
+        _check_positive(rm.weight_decay, "reward_model.weight_decay", allow_zero=True)
+        if not 0 < rm.eval_fraction < 1:
+            raise ConfigError(f"reward_model.eval_fraction: must be in (0, 1), got {rm.eval_fraction}")
+        if not 0 <= rm.warmup_ratio < 1:
+            raise ConfigError(f"reward_model.warmup_ratio: must be in [0, 1), got {rm.warmup_ratio}")
+        if not 0 <= rm.lora_dropout < 1:
+            raise ConfigError(f"reward_model.lora_dropout: must be in [0, 1), got {rm.lora_dropout}")
+        schedulers = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+        if rm.lr_scheduler not in schedulers:
+            raise ConfigError(f"reward_model.lr_scheduler: must be one of {schedulers}, got {rm.lr_scheduler!r}")
+        if not rm.lora_target_modules:
+            raise ConfigError("reward_model.lora_target_modules: name at least one module")
+        if rm.max_length < 16:
+            raise ConfigError(f"reward_model.max_length: {rm.max_length} tokens cannot hold a dialogue; use >= 16")
+        spec = cfg.models[rm.model]
+        if spec.tiny is not None and rm.lora_layers is not None and rm.lora_layers > spec.tiny.num_layers:
+            raise ConfigError(f"reward_model.lora_layers: {rm.lora_layers} asked, but models.{rm.model} has "
+                              f"{spec.tiny.num_layers} layers")
+
+
+def _check_files(cfg: RunConfig) -> None:
+    """Every input file must exist before a model is loaded."""
+    files = {"queries.seeds_file": cfg.queries.seeds_file,
+             "comparisons.preamble": cfg.comparisons.preamble}
+    files.update({f"comparisons.demonstrations.{k}": v for k, v in cfg.comparisons.demonstrations.items()})
+    for where, p in files.items():
+        if not cfg.path(p).is_file():
+            raise ConfigError(f"{where}: file not found: {cfg.path(p)}")
+
+
+def apply_overrides(data: dict, overrides: dict | None) -> dict:
+    """Set dotted keys (``"queries.num_queries": 40``) in a raw recipe dict.
+
+    ``overrides`` may also be a YAML/JSON mapping as text (papermill ``-p`` passes strings).
+    """
+    data = copy.deepcopy(data)
+    if isinstance(overrides, str):
+        overrides = yaml.safe_load(overrides) or {}
+    if not isinstance(overrides or {}, dict):
+        raise ConfigError(f"overrides: expected a mapping of dotted keys, got {overrides!r}")
+    for key, value in (overrides or {}).items():
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {} if node.get(part) is None else node[part]
+                if not isinstance(node[part], dict):
+                    raise ConfigError(f"override {key}: {part} is not a mapping")
+            node = node[part]
+        node[parts[-1]] = value
+    return data
+
+
+def parse_config(data: dict, check_files: bool = True) -> RunConfig:
+    """Validate a raw recipe dict and return a :class:`RunConfig`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"the recipe must be a mapping at the top level, got {type(data).__name__}")
+    data = copy.deepcopy(data)
+    if isinstance(data.get("comparisons"), dict) and "rubric" in data["comparisons"]:
+        data["comparisons"]["rubric"] = _rubric_ranks(data["comparisons"]["rubric"], "comparisons.rubric")
+    cfg = _build(RunConfig, data, "")
+    _validate(cfg)
+    if check_files:
+        _check_files(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: dict | None = None, check_files: bool = True) -> RunConfig:
+    """Read a YAML recipe, apply dotted overrides, validate and return it."""
+    p = Path(path)
+    if not p.is_absolute() and not p.exists():
+        p = REPO_ROOT / p
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    return parse_config(apply_overrides(data, overrides), check_files=check_files)
+

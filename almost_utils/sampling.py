@@ -1,0 +1,373 @@
+"""Batched sampling from a Hugging Face causal LM, built for few-shot prompting on a CPU.
+
+Every prompt of a step shares one long few-shot prefix (1-2k tokens) and adds a short query.
+The engine
+
+* runs the prefix through the model once and keeps its keys/values with no batch dimension:
+  one copy serves every row of every batch (attention splits into a shared-prefix part and a
+  per-row part, as in "cascade" attention), and it is memoised across calls;
+* keeps per-row keys/values in preallocated buffers written in place (no concatenation);
+* builds its own attention masks from real token positions, so left padding and gemma's
+  sliding window (which HF counts in cache slots) cannot change the result;
+* computes the output layer only for the last position, and samples top-p from the top-k
+  logits instead of sorting the 262k-entry vocabulary of gemma (exact, see :func:`nucleus`);
+* checks stop strings by decoding only a short tail of each row.
+
+The model's own modules do the work: the engine only swaps in its attention function
+(registered with transformers' ``AttentionInterface``) for the duration of a call, so any
+model built on that interface (gemma, llama, qwen, ...) works unchanged.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AttentionInterface, PreTrainedConfig
+
+ATTENTION_NAME = "almost_shared_prefix"
+TOP_K = 1024            # first guess at how many logits hold the nucleus; enlarged when not
+PREFILL_BUDGET = 2**25  # attention scores (floats) one prefill chunk may hold: 128 MB in fp32
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 1.0     # 0 means greedy
+    top_p: float = 1.0
+    stop: Sequence[str] = ()     # cut the text at the first occurrence of any (the stop string itself excluded)
+    seed: int = 0
+    ignore_eos: bool = False     # benchmarks: always generate max_new_tokens
+
+
+# --------------------------------------------------------------------------- text helpers
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """``text`` up to the earliest occurrence of any stop string, and whether one occurred."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+# --------------------------------------------------------------------------- sampling
+def nucleus(logits: torch.Tensor, top_p: float, k: int = TOP_K) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-p (nucleus) filtering computed on the top-k logits only.
+
+    Returns ``(probs, ids)``, both ``[B, k']``: the probabilities (under the full-vocabulary
+    softmax) of the k' most likely tokens, most likely first, set to 0 outside the nucleus.
+
+    A token is in the nucleus when the tokens strictly more likely than it hold less than
+    ``top_p`` of the mass (HF's ``TopPLogitsWarper``; the most likely token always stays).
+    If the top k tokens hold at least ``top_p``, every token outside them has at least that
+    much mass before it and is cut anyway, so the result equals full top-p exactly. When
+    they hold less (a flat distribution), k grows fourfold until they do (at worst: the whole
+    vocabulary). The normaliser is a full-vocabulary logsumexp, so probabilities are exact.
+    """
+    vocab = logits.shape[-1]
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    k = min(k, vocab)
+    while True:
+        vals, ids = logits.topk(k, dim=-1)              # sorted, most likely first
+        probs = (vals - lse).exp_()
+        cum = probs.cumsum(dim=-1)
+        if k == vocab or bool((cum[:, -1] >= top_p).all()):
+            break
+        k = min(4 * k, vocab)
+    before = cum - probs                                # mass strictly before each token
+    return probs.masked_fill_(before >= top_p, 0.0), ids
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """Next token per row ``[B]`` from last-position logits ``[B, V]``."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_p >= 1.0:
+        return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
+    probs, ids = nucleus(logits, top_p)
+    choice = torch.multinomial(probs, 1, generator=generator)   # multinomial renormalises
+    return ids.gather(1, choice).squeeze(1)
+
+
+# --------------------------------------------------------------------------- key/value store
+class _Prefix:
+    """Keys/values of the shared prefix, one copy with no batch dimension: ``[kv_heads, P, head_dim]``."""
+
+    def __init__(self, ids: list[int], keys: dict, values: dict):
+        self.ids, self.keys, self.values = ids, keys, values
+
+    def __len__(self):
+        return len(self.ids)
+
+    def start(self, sliding_window: int | None) -> int:
+        """First prefix position a query past the prefix can see: a query at p >= P sees keys
+        at k > p - window, so a sliding layer needs only the last window - 1 prefix tokens."""
+        return 0 if not sliding_window else max(0, len(self) - sliding_window + 1)
+
+    def window(self, layer: int, sliding_window: int | None):
+        start = self.start(sliding_window)
+        return self.keys[layer][:, start:], self.values[layer][:, start:]
+
+
+class _KV:
+    """Per-row keys/values of one batch in preallocated slots, plus the shared prefix.
+
+    Row b's slot j holds the token at position ``pos[b, j]``; ``valid`` marks real tokens
+    (left padding is invalid). A forward call writes slots ``[t0, t1)`` and attends to the
+    prefix plus slots ``[0, t1)``. Masks come from positions, never from slot indices, so
+    padding does not shrink the sliding window.
+    """
+
+    def __init__(self, prefix: _Prefix | None, pos: torch.Tensor, valid: torch.Tensor):
+        self.prefix, self.pos, self.valid = prefix, pos, valid
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.t0 = self.t1 = 0
+        self._masks: dict = {}
+
+    def advance(self, t0: int, t1: int):
+        self.t0, self.t1, self._masks = t0, t1, {}
+
+    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor):
+        """Store this step's keys/values in place; return the per-row ones to attend to."""
+        if layer not in self.keys:   # shapes come from the model: allocate on first use
+            b, h, _, d = key.shape
+            slots = self.pos.shape[1]
+            self.keys[layer] = key.new_zeros(b, h, slots, d)
+            self.values[layer] = value.new_zeros(b, h, slots, d)
+        k, v = self.keys[layer], self.values[layer]
+        k[:, :, self.t0:self.t1] = key
+        v[:, :, self.t0:self.t1] = value
+        return k[:, :, :self.t1], v[:, :, :self.t1]
+
+    def mask(self, sliding_window: int | None) -> torch.Tensor:
+        """Additive mask ``[B, 1, 1, L, prefix + t1]`` (memoised per step and window)."""
+        if sliding_window not in self._masks:
+            self._masks[sliding_window] = self._build_mask(sliding_window)
+        return self._masks[sliding_window]
+
+    def _build_mask(self, window: int | None) -> torch.Tensor:
+        t0, t1 = self.t0, self.t1
+        q = self.pos[:, t0:t1, None]                      # [B, L, 1] query positions
+        k = self.pos[:, None, :t1]                        # [B, 1, t1] key positions
+        ok = self.valid[:, None, :t1] & (k <= q)
+        if window:
+            ok &= q - k < window
+        # Every query sees its own slot: padding rows stay finite (no all-masked softmax).
+        steps = torch.arange(t1 - t0)
+        ok[:, steps, t0 + steps] = True
+        if self.prefix is not None:
+            kp = torch.arange(self.prefix.start(window), len(self.prefix))[None, None, :]
+            okp = kp <= q
+            if window:
+                okp &= q - kp < window
+            ok = torch.cat([okp, ok], dim=-1)
+        mask = torch.zeros(ok.shape, dtype=torch.float32).masked_fill_(~ok, float("-inf"))
+        return mask[:, None, None]
+
+    def select(self, rows: torch.Tensor):
+        """Keep only ``rows`` (finished rows leave the batch)."""
+        self.pos, self.valid = self.pos[rows], self.valid[rows]
+        for d in (self.keys, self.values):
+            for layer in d:
+                d[layer] = d[layer][rows]
+
+
+def shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                            softcap=None, sliding_window=None, almost_kv: _KV | None = None, **kwargs):
+    """Attention over [shared prefix ; this row's slots] with one softmax.
+
+    The prefix has no batch dimension: its scores come from one matmul of every row's
+    queries against the single prefix copy, ``[kv_heads, B*G*L, D] @ [kv_heads, D, P]``.
+    ``attention_mask`` is ignored: masks come from ``almost_kv`` (real positions).
+    """
+    kv = almost_kv
+    b, n_heads, length, d = query.shape
+    kv_heads = key.shape[1]
+    g = n_heads // kv_heads                     # query heads per kv head (adjacent, as repeat_kv)
+    ks, vs = kv.write(module.layer_idx, key, value)
+    q = query.reshape(b, kv_heads, g * length, d)
+    scores = q @ ks.transpose(-1, -2)           # [B, kvh, G*L, t1]
+    n_prefix = 0
+    if kv.prefix is not None:
+        kp, vp = kv.prefix.window(module.layer_idx, sliding_window)
+        n_prefix = kp.shape[1]
+        qp = q.transpose(0, 1).reshape(kv_heads, b * g * length, d)
+        sp = (qp @ kp.transpose(-1, -2)).view(kv_heads, b, g * length, n_prefix).transpose(0, 1)
+        scores = torch.cat([sp, scores], dim=-1)
+    scores = scores * (d ** -0.5 if scaling is None else scaling)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.view(b, kv_heads, g, length, -1).add_(kv.mask(sliding_window))
+    probs = torch.softmax(scores, dim=-1).view(b, kv_heads, g * length, -1)
+    out = probs[..., n_prefix:] @ vs            # [B, kvh, G*L, D]
+    if n_prefix:
+        pp = probs[..., :n_prefix].transpose(0, 1).reshape(kv_heads, b * g * length, n_prefix)
+        out = out + (pp @ vp).view(kv_heads, b, g * length, d).transpose(0, 1)
+    return out.reshape(b, n_heads, length, d).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION_NAME, shared_prefix_attention)
+
+
+@contextlib.contextmanager
+def _attention(model, name: str):
+    """Run the model's attention layers through ``name`` for a while (every config it holds)."""
+    configs = {id(m.config): m.config for m in model.modules()
+               if isinstance(getattr(m, "config", None), PreTrainedConfig)}
+    before = {k: c._attn_implementation for k, c in configs.items()}
+    try:
+        for c in configs.values():
+            c._attn_implementation = name
+        yield
+    finally:
+        for k, c in configs.items():
+            c._attn_implementation = before[k]
+
+
+def _weights_version(model) -> tuple:
+    """Changes whenever a parameter is replaced or modified in place (training, merging)."""
+    return tuple((id(p), p._version) for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- engine
+class TransformersEngine:
+    """Batched, prefix-cached sampling with a transformers causal LM (see the module docstring)."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 16, progress: bool = True, prefix_cache: bool = True):
+        self.model, self.tokenizer = model, tokenizer
+        self.batch_size, self.progress, self.prefix_cache = batch_size, progress, prefix_cache
+        eos = model.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        self.eos = set(eos) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+        pad = tokenizer.pad_token_id
+        self.pad = pad if pad is not None else next(iter(self.eos), 0)
+        self.n_heads = model.config.get_text_config().num_attention_heads
+        self._prefix_memo: tuple | None = None   # (ids, weights version, _Prefix)
+
+    # ---------------------------------------------------------------- public
+    def generate(self, prompts: list[str], params: SamplingParams, prefix: str = "", desc: str | None = None) -> list[str]:
+        """Completions (text only, stop strings cut, EOS ends a row) for prefix + prompt, in input order."""
+        tokens = self.generate_tokens(prompts, params, prefix, desc)
+        return [cut_at_stop(self.tokenizer.decode(t, skip_special_tokens=True), params.stop)[0] for t in tokens]
+
+    def generate_tokens(self, prompts: list[str], params: SamplingParams, prefix: str = "",
+                        desc: str | None = None) -> list[list[int]]:
+        """Generated token ids per prompt (EOS excluded; may run past a stop string by a token)."""
+        if not prompts:
+            return []
+        prefix_ids, queries = self._tokenize(prompts, prefix)
+        order = sorted(range(len(queries)), key=lambda i: -len(queries[i]))  # similar lengths batch together
+        out: list[list[int] | None] = [None] * len(queries)
+        bar = tqdm(total=len(queries), desc=desc or "sampling", unit="prompt", disable=not self.progress)
+        n_tokens, t_start = 0, time.perf_counter()
+        with torch.inference_mode(), _attention(self.model, ATTENTION_NAME):
+            shared = self._prefix(prefix_ids) if (self.prefix_cache and prefix_ids) else None
+            rows_prefix = [] if shared is not None else prefix_ids
+            for bi, s in enumerate(range(0, len(order), self.batch_size)):
+                idx = order[s:s + self.batch_size]
+                gen = torch.Generator().manual_seed((params.seed * 1_000_003 + bi) % 2**63)
+                results = self._batch([rows_prefix + queries[i] for i in idx], shared, params, gen)
+                for i, r in zip(idx, results):
+                    out[i] = r
+                n_tokens += sum(map(len, results))
+                bar.update(len(idx))
+                bar.set_postfix(tok_s=f"{n_tokens / (time.perf_counter() - t_start):.1f}")
+        bar.close()
+        return out
+
+    def clear_cache(self):
+        self._prefix_memo = None
+
+    # ---------------------------------------------------------------- internals
+    def _tokenize(self, prompts: list[str], prefix: str):
+        """Prefix with special tokens (gemma needs BOS), prompts without; joined as ids, never as
+        text, so the cached prefix is exactly the start of every row (MODELS.md)."""
+        tok = self.tokenizer
+        if not prefix:
+            queries = [tok(p).input_ids for p in prompts]
+            if any(not q for q in queries):
+                raise ValueError("an empty prompt with no prefix leaves nothing to condition on")
+            return [], queries
+        prefix_ids = tok(prefix).input_ids
+        queries = [tok(p, add_special_tokens=False).input_ids for p in prompts]
+        if any(not q for q in queries):
+            # A row needs one token of its own to predict from: lend it the prefix's last one.
+            prefix_ids, queries = prefix_ids[:-1], [prefix_ids[-1:] + q for q in queries]
+        return prefix_ids, queries
+
+    def _prefix(self, ids: list[int]) -> _Prefix:
+        """The shared prefix's keys/values, computed once and memoised (by ids and weights)."""
+        version = _weights_version(self.model)
+        if self._prefix_memo and self._prefix_memo[0] == ids and self._prefix_memo[1] == version:
+            return self._prefix_memo[2]
+        self._prefix_memo = None   # free the old one before building the next
+        n = len(ids)
+        kv = _KV(None, torch.arange(n)[None], torch.ones(1, n, dtype=torch.bool))
+        self._prefill(torch.tensor([ids]), kv)
+        prefix = _Prefix(ids, {l: k[0] for l, k in kv.keys.items()}, {l: v[0] for l, v in kv.values.items()})
+        self._prefix_memo = (ids, version, prefix)
+        return prefix
+
+    def _forward(self, ids: torch.Tensor, kv: _KV, t0: int) -> torch.Tensor:
+        """Run slots ``[t0, t0 + len)``; return the last position's logits ``[B, V]``."""
+        t1 = t0 + ids.shape[1]
+        kv.advance(t0, t1)
+        out = self.model(input_ids=ids, position_ids=kv.pos[:, t0:t1], use_cache=False,
+                         logits_to_keep=1, almost_kv=kv)
+        return out.logits[:, -1]
+
+    def _prefill(self, ids: torch.Tensor, kv: _KV) -> torch.Tensor:
+        """Prefill in chunks whose attention scores fit ``PREFILL_BUDGET``."""
+        b, n = ids.shape
+        keys = n + (len(kv.prefix) if kv.prefix is not None else 0)
+        chunk = max(16, PREFILL_BUDGET // (b * self.n_heads * keys))
+        for t0 in range(0, n, chunk):
+            logits = self._forward(ids[:, t0:t0 + chunk], kv, t0)
+        return logits
+
+    def _batch(self, rows: list[list[int]], prefix: _Prefix | None, params: SamplingParams,
+               gen: torch.Generator) -> list[list[int]]:
+        """Generate for one batch of token rows (left padded behind the shared prefix)."""
+        b, width = len(rows), max(map(len, rows))
+        slots = width + params.max_new_tokens
+        n_prefix = len(prefix) if prefix is not None else 0
+        ids = torch.full((b, width), self.pad, dtype=torch.long)
+        valid = torch.zeros(b, slots, dtype=torch.bool)
+        pos = torch.arange(slots).repeat(b, 1) + n_prefix
+        for r, row in enumerate(rows):
+            pad = width - len(row)
+            ids[r, pad:] = torch.tensor(row)
+            valid[r, pad:width] = True
+            pos[r] -= pad
+        kv = _KV(prefix, pos, valid)
+        logits = self._prefill(ids, kv)
+
+        eos = set() if params.ignore_eos else self.eos
+        stops = [s for s in params.stop if s]
+        tail = 4 * max(map(len, stops), default=0) + 2   # tokens that surely cover a stop string
+        out: list[list[int]] = [[] for _ in rows]
+        active = list(range(b))                          # batch row -> output row
+        for t in range(params.max_new_tokens):
+            nxt = sample(logits, params.temperature, params.top_p, gen)
+            keep = []
+            for j, tok in enumerate(nxt.tolist()):
+                o = out[active[j]]
+                if tok in eos:
+                    continue
+                o.append(tok)
+                if stops and any(s in self.tokenizer.decode(o[-tail:], skip_special_tokens=True) for s in stops):
+                    continue
+                keep.append(j)
+            if not keep or t == params.max_new_tokens - 1:
+                break
+            if len(keep) < len(active):                  # finished rows leave the batch
+                rows_t = torch.tensor(keep)
+                kv.select(rows_t)
+                nxt = nxt[rows_t]
+                active = [active[j] for j in keep]
+            slot = width + t
+            kv.valid[:, slot] = True
+            logits = self._forward(nxt[:, None], kv, slot)
+        return out

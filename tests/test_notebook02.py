@@ -1,0 +1,92 @@
+"""Notebook 02 runs end to end on the tiny recipe (papermill), and the stage resumes without retraining.
+
+Step-1 output: the comparisons folder named by ``$ALMOST_NB02_STEP1`` (e.g. notebook 01's
+``results/tiny/comparisons``) when set; otherwise toy pairs (tests/rm_toy.py) written into a fresh
+output folder. HHH is read from the
+fixture in tests/fixtures/bigbench (no network).
+"""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from almost_utils.artifacts import read_json
+from almost_utils.config import load_config
+from conftest import ROOT, TINY
+from rm_toy import write_toy_pairs
+
+NOTEBOOK = ROOT / "notebooks" / "02_reward_model.ipynb"
+FIXTURE = ROOT / "tests" / "fixtures" / "bigbench"
+
+
+def _overrides(out: Path) -> dict:
+    return {"output_dir": str(out), "reward_model.hhh_dir": str(FIXTURE), "reward_model.eval_steps": 3,
+            "reward_model.logging_steps": 1}
+
+
+@pytest.fixture(scope="module")
+def notebook_run(tmp_path_factory):
+    papermill = pytest.importorskip("papermill")
+    out = tmp_path_factory.mktemp("nb02") / "run"
+    step1 = os.environ.get("ALMOST_NB02_STEP1")
+    if step1:
+        shutil.copytree(step1, out / "comparisons")      # real Step-1 output (notebook 01 on tiny)
+    else:
+        write_toy_pairs(out, n_queries=16)
+    executed = out.parent / "02_executed.ipynb"
+    papermill.execute_notebook(str(NOTEBOOK), str(executed), cwd=str(ROOT / "notebooks"), kernel_name="python3",
+                               parameters={"config_path": str(TINY), "overrides": _overrides(out)},
+                               progress_bar=False)
+    return out, executed
+
+
+def test_notebook_writes_metrics_figures_and_manifest(notebook_run):
+    out, executed = notebook_run
+    stage = out / "reward_model"
+    metrics = read_json(stage / "metrics.json")
+    scorers = {(a["benchmark"], a["scorer"]) for a in metrics["accuracy"]}
+    for bench in ("heldout", "hhh"):
+        for s in ("rm", "rm_no_hf", "untrained", "longer", "random"):
+            assert (bench, s) in scorers
+    hhh_subsets = {a["subset"] for a in metrics["accuracy"] if a["benchmark"] == "hhh"}
+    assert hhh_subsets == {"all", "harmless", "helpful", "honest", "other"}
+    assert "hhh_rm_minus_rm_no_hf" in metrics["ablation"]
+    for name in ("training_curves", "reward_distributions", "hhh_accuracy", "heldout_accuracy"):
+        assert (stage / "figures" / f"{name}.png").stat().st_size > 1000
+    man = read_json(stage / "manifest.json")
+    assert man["stage"] == "reward_model" and man["counts"]["hhh_pairs"] == 7
+    assert (stage / "rm" / "adapter_model.safetensors").is_file()
+    nb = json.loads(executed.read_text())
+    errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
+    text = "".join("".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/markdown", ""))
+                   for c in nb["cells"] for o in c.get("outputs", []))
+    assert "Ablation" in text or "ablation" in text
+
+
+def test_rerun_reuses_models_and_scores(notebook_run):
+    from almost_utils.reward_stage import run_reward_model_stage
+    out, _ = notebook_run
+    stage = out / "reward_model"
+    ids = {v: read_json(stage / v / "reward_model.json")["train"]["train_id"] for v in ("rm", "rm_no_hf")}
+    cfg = load_config(TINY, _overrides(out))
+    run_reward_model_stage(cfg, progress=False)
+    man = read_json(stage / "manifest.json")
+    assert sorted(man["notes"]["reused_models"]) == ["rm", "rm_no_hf"]
+    assert {v: read_json(stage / v / "reward_model.json")["train"]["train_id"] for v in ids} == ids
+    assert all(t < 5 for k, t in man["timings_s"].items() if k.startswith("score_"))   # scores read back
+
+
+def test_changed_training_recipe_retrains(notebook_run, tmp_path):
+    from almost_utils.reward_stage import run_reward_model_stage
+    out, _ = notebook_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    cfg = load_config(TINY, {**_overrides(copy), "reward_model.learning_rate": 5e-4,
+                             "reward_model.ablation_no_heuristic_filter": False})
+    old = read_json(copy / "reward_model" / "rm" / "reward_model.json")["train"]["train_id"]
+    metrics = run_reward_model_stage(cfg, progress=False)
+    assert read_json(copy / "reward_model" / "rm" / "reward_model.json")["train"]["train_id"] != old
+    assert "hhh_rm_minus_rm_no_hf" not in metrics["ablation"]

@@ -267,6 +267,11 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.sampling.backend not in VALID_BACKENDS:
         raise ConfigError(f"sampling.backend: must be one of {VALID_BACKENDS}, got {cfg.sampling.backend!r}")
     _check_positive(cfg.sampling.batch_size, "sampling.batch_size")
+    _check_positive(cfg.sampling.max_model_len, "sampling.max_model_len")
+    _check_positive(cfg.sampling.tensor_parallel_size, "sampling.tensor_parallel_size")
+    if not 0 < cfg.sampling.gpu_memory_utilization <= 1:
+        raise ConfigError(f"sampling.gpu_memory_utilization: must be in (0, 1], "
+                          f"got {cfg.sampling.gpu_memory_utilization}")
     if not cfg.models:
         raise ConfigError("models: at least one model is needed")
     for name, spec in cfg.models.items():

@@ -253,8 +253,18 @@ def quantization_config(spec: ModelSpec, device: str):
         raise ConfigError("load_in_4bit: bitsandbytes is not installed; pip install 'almost-utils[gpu]'") from None
     import torch
     from transformers import BitsAndBytesConfig
+    # quant_storage bf16 lets FSDP / ZeRO-3 shard the 4-bit weights like any bf16 tensor; it is
+    # harmless on one GPU.
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
+                              bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+
+
+def quantized_device_map() -> dict | None:
+    """Where a 4-bit model goes: this process's GPU under DDP (``LOCAL_RANK``); none under
+    FSDP / DeepSpeed, which place the shards themselves."""
+    if os.environ.get("ACCELERATE_USE_FSDP") == "true" or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+        return None
+    return {"": int(os.environ.get("LOCAL_RANK", 0))}
 
 
 def load_model(spec: ModelSpec, device: str = "auto", seed: int = 0, auto_class=None, **kwargs):
@@ -275,7 +285,7 @@ def load_model(spec: ModelSpec, device: str = "auto", seed: int = 0, auto_class=
         model = auto_class.from_config(tiny_config(spec, tok), dtype=dtype, **kwargs)
     else:
         qc = quantization_config(spec, device)
-        extra = {"quantization_config": qc, "device_map": {"": 0}} if qc else {}
+        extra = {"quantization_config": qc, "device_map": quantized_device_map()} if qc else {}
         model = auto_class.from_pretrained(resolve_source(spec.source), dtype=dtype, **extra, **kwargs)
     if spec.drop_layers:
         model = drop_decoder_layers(model, spec.drop_layers)

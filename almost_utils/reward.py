@@ -33,7 +33,7 @@ import time
 import uuid
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 from .config import ConfigError, ModelSpec, RewardModelConfig, RunConfig
 from .dialogue import Turn, rm_text
@@ -82,13 +82,14 @@ def encode(tok, text: str, max_length: int) -> list[int]:
 def pairs_dataset(rows: Sequence[dict], tok, max_length: int):
     """Pairs -> a ``datasets.Dataset`` of ``chosen_ids``/``rejected_ids`` (what RewardTrainer takes as is)."""
     from datasets import Dataset
-    data = {"chosen_ids": [], "rejected_ids": [], "truncated": []}
+    data = {"chosen_ids": [], "rejected_ids": [], "length": [], "truncated": []}
     for row in rows:
         hist = pair_history(row)
         c = encode(tok, rm_text(hist, row["chosen"]), max_length)
         r = encode(tok, rm_text(hist, row["rejected"]), max_length)
         data["chosen_ids"].append(c)
         data["rejected_ids"].append(r)
+        data["length"].append(max(len(c), len(r)))       # batches are grouped by it (less padding)
         data["truncated"].append(max(len(c), len(r)) >= max_length)
     return Dataset.from_dict(data)
 
@@ -120,20 +121,19 @@ def load_backbone(spec: ModelSpec, device: str = "auto", seed: int = 0):
     head's initial weights are a function of ``seed``. With ``load_in_4bit`` (CUDA) the backbone
     is NF4 and the head stays unquantized (transformers keeps the last module in full precision).
     """
-    import logging
+    import contextlib
 
     import torch
 
     from .models import load_model
 
+    try:    # trl's own guard: a missing score.weight (and an unused lm_head) is expected, not reported
+        from trl.trainer.reward_trainer import suppress_seqcls_warning
+    except ImportError:
+        suppress_seqcls_warning = contextlib.nullcontext
     torch.manual_seed(seed)
-    logger = logging.getLogger("transformers.modeling_utils")
-    level = logger.level
-    logger.setLevel(logging.ERROR)          # "score.weight newly initialized" is the point
-    try:
+    with suppress_seqcls_warning():
         model, tok = load_model(spec, device, seed, auto_class=_ScalarHead)
-    finally:
-        logger.setLevel(level)
     pad_id = ensure_reward_pad_token(tok)
     model.config.pad_token_id = pad_id
     model.config.get_text_config().pad_token_id = pad_id
@@ -206,7 +206,8 @@ def train_reward_model(cfg: RunConfig, train_rows: Sequence[dict], eval_rows: Se
         eval_steps=rm.eval_steps, save_strategy="no", report_to="none", seed=cfg.seed, data_seed=cfg.seed,
         use_cpu=device == "cpu", bf16=bool(bf16), fp16=False, gradient_checkpointing=rm.gradient_checkpointing,
         max_length=None, disable_dropout=False, dataloader_num_workers=0, disable_tqdm=not progress,
-        remove_unused_columns=True)
+        train_sampling_strategy="group_by_length", length_column_name="length",
+        remove_unused_columns=False)          # keep "length" for the sampler; the collator ignores it
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds.remove_columns("truncated"),
                             eval_dataset=eval_ds.remove_columns("truncated") if eval_ds is not None else None,
                             processing_class=tok, callbacks=callbacks)
@@ -216,7 +217,7 @@ def train_reward_model(cfg: RunConfig, train_rows: Sequence[dict], eval_rows: Se
     summary = {
         "train_pairs": len(train_ds), "eval_pairs": len(eval_ds) if eval_ds is not None else 0,
         "truncated_train_pairs": int(sum(train_ds["truncated"])), "optimizer_steps": trainer.state.global_step,
-        "train_tokens": int(sum(len(x) for x in train_ds["chosen_ids"]) + sum(len(x) for x in train_ds["rejected_ids"])),
+        "train_tokens": int(sum(map(len, train_ds["chosen_ids"])) + sum(map(len, train_ds["rejected_ids"]))),
         "seconds": round(seconds, 1), "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
         "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
         "device": device, "train_id": uuid.uuid4().hex[:16], **(extra_meta or {})}
@@ -319,6 +320,18 @@ class RewardScorer:
         return scores[:len(rows)], scores[len(rows):]
 
 
+def _spec_from_dict(base: dict) -> ModelSpec:
+    """The saved backbone spec as a :class:`ModelSpec` (fields unknown to this version ignored)."""
+    import dataclasses
+
+    from .config import TinySpec
+    known = {f.name for f in dataclasses.fields(ModelSpec)}
+    base = {k: v for k, v in base.items() if k in known}
+    if base.get("tiny"):
+        base["tiny"] = TinySpec(**base["tiny"])
+    return ModelSpec(**base)
+
+
 def find_reward_model(path: str | Path) -> Path:
     """The RM folder for ``path``: an RM folder, a stage folder (``reward_model/``) or a run folder."""
     path = Path(path)
@@ -335,12 +348,7 @@ def load_reward_model(path: str | Path, device: str = "auto", batch_size: int = 
 
     folder = find_reward_model(path)
     meta = json.loads((folder / META_FILE).read_text())
-    base = dict(meta["base"])
-    if base.get("tiny"):
-        from .config import TinySpec
-        base["tiny"] = TinySpec(**base["tiny"])
-    spec = ModelSpec(**base)
-    model, tok = load_backbone(spec, device, meta["seed"])
+    model, tok = load_backbone(_spec_from_dict(meta["base"]), device, meta["seed"])
     if tok.pad_token_id != meta["pad_token_id"]:
         raise RuntimeError(f"{folder}: trained with pad id {meta['pad_token_id']}, the tokenizer now gives "
                            f"{tok.pad_token_id}")

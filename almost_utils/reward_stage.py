@@ -26,6 +26,7 @@ import gc
 import hashlib
 import json
 import math
+import os
 import random
 import shutil
 from dataclasses import asdict
@@ -182,15 +183,22 @@ def run_reward_model_stage(cfg: RunConfig, progress: bool = True) -> dict:
         man.count("heldout_pairs_hf", len(held_hf))
 
         # ---- training (or reuse)
-        training = {}
+        training, trained_fp = {}, {}
         for v, rows in data.items():
             train = training_rows(rows, eval_q, rm.max_train_pairs, seed)
             if not train:
                 raise ValueError(f"{v}: no training pairs left after holding out {len(eval_q)} queries")
             fp = fingerprint(cfg, train)
             meta = _meta(stage / v)
+            same = next((u for u, f in trained_fp.items() if f == fp), None)
             if meta is not None and meta["train"].get("fingerprint") == fp:
                 print(f"{v}: reusing the trained reward model in {stage / v}", flush=True)
+            elif same is not None:      # the filter dropped no training pair: the same model, not trained twice
+                print(f"{v}: same training pairs as {same}: copying {stage / same}", flush=True)
+                shutil.rmtree(stage / v, ignore_errors=True)
+                shutil.copytree(stage / same, stage / f".{v}.tmp", dirs_exist_ok=True)
+                os.replace(stage / f".{v}.tmp", stage / v)
+                meta = _meta(stage / v)
             else:
                 if meta is not None:
                     print(f"{v}: recipe or training pairs changed since {stage / v} was trained: retraining",
@@ -200,6 +208,7 @@ def run_reward_model_stage(cfg: RunConfig, progress: bool = True) -> dict:
                                        extra_meta={"fingerprint": fp, "variant": v})
                 meta = _meta(stage / v)
             training[v] = meta["train"]
+            trained_fp[v] = fp
             man.count(f"train_pairs_{v}", len(train))
             gc.collect()
         write_json(stage / "training_log.json",
@@ -219,10 +228,13 @@ def run_reward_model_stage(cfg: RunConfig, progress: bool = True) -> dict:
                                       .encode()).hexdigest()[:16]
         scorers["untrained"] = (untrained_id, _Lazy(lambda: RewardScorer.untrained(
             spec, rm.max_length, device, seed, rm.score_batch_size)))
+        done = {}                                    # (benchmark, model_id) -> scores: one model scored once
         for name, (model_id, lazy) in scorers.items():
             with man.timer(f"score_{name}"):
                 for b, rows in benches.items():
-                    scores[b][name] = _scored(store, f"{b}__{name}", model_id, rows, lazy, progress)
+                    if (b, model_id) not in done:
+                        done[(b, model_id)] = _scored(store, f"{b}__{name}", model_id, rows, lazy, progress)
+                    scores[b][name] = done[(b, model_id)]
             lazy.obj = None
             gc.collect()
 
@@ -234,7 +246,9 @@ def run_reward_model_stage(cfg: RunConfig, progress: bool = True) -> dict:
         if len(held_hf) < len(held):
             acc += rm_eval.accuracy_rows("heldout_no_hf", held, scores["heldout"], n_samples=nboot, seed=seed)
         acc += rm_eval.accuracy_rows("hhh", hhh, scores["hhh"], group_key="category", n_samples=nboot, seed=seed)
-        metrics = {"accuracy": acc, "training": training, "ablation": _ablation(acc, scores, hhh, training, nboot, seed),
+        metrics = {"accuracy": acc, "training": training,
+                   "ablation": _ablation(acc, scores, hhh, training, nboot, seed),
+                   "paired": _paired(scores, rows={"heldout": held, "hhh": hhh}, nboot=nboot, seed=seed),
                    "data": {**man.data["counts"], "eval_query_ids": sorted(eval_q)},
                    "rm_dialogue_format": "\\n\\nHuman: {prompt}\\n\\nAssistant: {response}<eos>, scored at <eos>"}
         write_json(stage / "metrics.json", metrics)
@@ -269,6 +283,20 @@ def _ablation(acc, scores, hhh, training, nboot, seed) -> dict:
         ca = rm_eval.pair_correct(*scores["hhh"]["rm"])
         cb = rm_eval.pair_correct(*scores["hhh"]["rm_no_hf"])
         out["hhh_rm_minus_rm_no_hf"] = rm_eval.paired_difference(ca, cb, nboot, seed)
+    return out
+
+
+def _paired(scores, rows, nboot, seed) -> dict:
+    """Each trained RM minus each baseline (longer, untrained), paired bootstrap, per benchmark."""
+    from . import rm_eval
+    out = {}
+    for b, by_scorer in scores.items():
+        base = dict(by_scorer)
+        base["longer"] = rm_eval.longer_scores(rows[b])
+        idx = [i for i, r in enumerate(rows[b]) if r.get("hf", True)]      # held-out: the HF pairs
+        correct = {k: rm_eval.pair_correct(*v)[idx] for k, v in base.items()}
+        out[b] = {f"{v}_minus_{c}": rm_eval.paired_difference(correct[v], correct[c], nboot, seed)
+                  for v in ("rm", "rm_no_hf") if v in correct for c in ("longer", "untrained")}
     return out
 
 

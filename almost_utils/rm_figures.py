@@ -9,11 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
+from .rm_eval import pair_correct
+
 SCORER_LABELS = {"rm": "RM (HF pairs)", "rm_no_hf": "RM (no HF)", "untrained": "untrained head",
                  "longer": "longer response", "random": "random"}
 SCORER_COLORS = {"rm": "tab:blue", "rm_no_hf": "tab:orange", "untrained": "tab:gray", "longer": "tab:green",
                  "random": "lightgray"}
-BENCH_LABELS = {"heldout": "held-out synthetic (HF)", "heldout_no_hf": "held-out synthetic (all)", "hhh": "BIG-bench HHH"}
+BENCH_LABELS = {"heldout": "held-out synthetic (HF)", "heldout_no_hf": "held-out synthetic (all)",
+                "hhh": "BIG-bench HHH"}
 
 
 def _ema(x, alpha: float = 0.3) -> np.ndarray:
@@ -24,8 +27,12 @@ def _ema(x, alpha: float = 0.3) -> np.ndarray:
     return np.asarray(out)
 
 
-def training_curves(training_log: dict[str, list[dict]]):
-    """Bradley-Terry loss and pair accuracy over optimizer steps (training batches and held-out)."""
+def training_curves(training_log: dict[str, list[dict]], final_heldout: dict[str, float] | None = None):
+    """Bradley-Terry loss and pair accuracy over optimizer steps (training batches and held-out).
+
+    ``final_heldout`` (``{variant: accuracy}``) adds the trained RM's held-out accuracy as a star
+    at its last step, so the curve has a held-out end point even without evaluations in between.
+    """
     import matplotlib.pyplot as plt
     fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(11, 3.8))
     for v, rows in training_log.items():
@@ -44,6 +51,9 @@ def training_curves(training_log: dict[str, list[dict]]):
                       label=f"{SCORER_LABELS.get(v, v)} held-out")
             ax_a.plot([r["step"] for r in ev], [r["eval_accuracy"] for r in ev], "o--", color=color,
                       label=f"{SCORER_LABELS.get(v, v)} held-out")
+        if final_heldout and v in final_heldout and tr:
+            ax_a.plot([tr[-1]["step"]], [final_heldout[v]], "*", ms=12, color=color,
+                      label=f"{SCORER_LABELS.get(v, v)} held-out, final")
     ax_l.axhline(np.log(2), color="k", ls=":", lw=1, label="chance (log 2)")
     ax_a.axhline(0.5, color="k", ls=":", lw=1)
     ax_l.set(xlabel="optimizer step", ylabel="-log sigmoid(r_chosen - r_rejected)", title="Bradley-Terry loss")
@@ -69,7 +79,7 @@ def reward_distributions(heldout_scores: list[dict], hhh_scores: list[dict], sco
         bins = np.linspace(min(c.min(), rj.min()), max(c.max(), rj.max()) + 1e-9, 25)
         ax.hist(c, bins=bins, alpha=0.55, color="tab:blue", label=f"chosen (mean {c.mean():.2f})")
         ax.hist(rj, bins=bins, alpha=0.55, color="tab:red", label=f"rejected (mean {rj.mean():.2f})")
-        ax.set(title=f"{title}: {(c > rj).mean():.0%} ranked right (n={len(rows)})", xlabel="reward",
+        ax.set(title=f"{title}: {pair_correct(c, rj).mean():.0%} ranked right (n={len(rows)})", xlabel="reward",
                ylabel="responses")
         ax.legend(fontsize=8)
     fig.suptitle(f"Rewards of {SCORER_LABELS.get(scorer, scorer)}", y=1.02)
@@ -77,8 +87,8 @@ def reward_distributions(heldout_scores: list[dict], hhh_scores: list[dict], sco
     return fig
 
 
-def accuracy_bars(accuracy: list[dict], benchmarks=("hhh",), scorers=("rm", "rm_no_hf", "untrained", "longer", "random"),
-                  title: str | None = None):
+def accuracy_bars(accuracy: list[dict], benchmarks=("hhh",),
+                  scorers=("rm", "rm_no_hf", "untrained", "longer", "random"), title: str | None = None):
     """Grouped bars: accuracy per (benchmark, subset) for each scorer, with 95% bootstrap intervals."""
     import matplotlib.pyplot as plt
     groups = []
@@ -99,7 +109,8 @@ def accuracy_bars(accuracy: list[dict], benchmarks=("hhh",), scorers=("rm", "rm_
             ys.append(a["accuracy"])
             lo.append(a["accuracy"] - a["ci_low"])
             hi.append(a["ci_high"] - a["accuracy"])
-        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, color=SCORER_COLORS.get(s), label=SCORER_LABELS.get(s, s))
+        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, color=SCORER_COLORS.get(s), label=SCORER_LABELS.get(s, s),
+               error_kw={"elinewidth": 0.8, "ecolor": "0.25"})
     n = {g: index[(*g, "longer")]["n"] for g in groups}
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels([(f"{BENCH_LABELS.get(b, b)}\n" if len(benchmarks) > 1 else "") + f"{s} (n={n[(b, s)]})"
@@ -111,6 +122,12 @@ def accuracy_bars(accuracy: list[dict], benchmarks=("hhh",), scorers=("rm", "rm_
     return fig
 
 
+def final_heldout(metrics: dict) -> dict[str, float]:
+    """``{variant: accuracy}`` of each trained RM on the held-out synthetic pairs kept by the filter."""
+    return {a["scorer"]: a["accuracy"] for a in metrics["accuracy"]
+            if a["benchmark"] == "heldout" and a["subset"] == "all" and a["scorer"] in metrics["training"]}
+
+
 def make_figures(stage_dir: str | Path) -> dict:
     """Draw and save every figure of the stage; returns ``{name: figure}``."""
     from .artifacts import save_figure
@@ -118,7 +135,7 @@ def make_figures(stage_dir: str | Path) -> dict:
     res = load_results(Path(stage_dir))
     acc = res["metrics"]["accuracy"]
     figs = {
-        "training_curves": training_curves(res["training_log"]),
+        "training_curves": training_curves(res["training_log"], final_heldout(res["metrics"])),
         "reward_distributions": reward_distributions(res["heldout_scores"], res["hhh_scores"]),
         "hhh_accuracy": accuracy_bars(acc, ("hhh",), title="BIG-bench HHH: pair accuracy per category (95% CI)"),
         "heldout_accuracy": accuracy_bars(acc, ("heldout", "heldout_no_hf"),

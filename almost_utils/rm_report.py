@@ -71,6 +71,18 @@ def _vs_chance(a: dict) -> str:
     return "not distinguishable from chance"
 
 
+def _diff(d: dict) -> str:
+    return f"{d['difference']:+.1%} [{d['ci_low']:+.1%}, {d['ci_high']:+.1%}]"
+
+
+def _verdict(d: dict, other: str) -> str:
+    if d["ci_low"] > 0:
+        return f"the RM is **better** than {other}"
+    if d["ci_high"] < 0:
+        return f"the RM is **worse** than {other}"
+    return f"no detectable difference from {other}"
+
+
 def findings(metrics: dict) -> str:
     """What the numbers say, as Markdown bullet points."""
     lines = []
@@ -84,6 +96,10 @@ def findings(metrics: dict) -> str:
         lines.append(f"- **BIG-bench HHH (human labels):** the RM ranks {_fmt(hhh)} of {hhh['n']} pairs right "
                      f"({_vs_chance(hhh)}); longer response {_fmt(_get(metrics, 'hhh', 'all', 'longer'))}, "
                      f"untrained head {_fmt(_get(metrics, 'hhh', 'all', 'untrained'))}.")
+        for c, what in (("longer", "the longer-response rule"), ("untrained", "the untrained head")):
+            d = metrics.get("paired", {}).get("hhh", {}).get(f"rm_minus_{c}")
+            if d:
+                lines.append(f"  - RM minus {what}: {_diff(d)} (paired bootstrap): {_verdict(d, what)}.")
         cats = [a for a in metrics["accuracy"] if a["benchmark"] == "hhh" and a["scorer"] == "rm"
                 and a["subset"] != "all"]
         if cats:
@@ -102,7 +118,7 @@ def ablation_finding(metrics: dict) -> str:
     diff = metrics["ablation"].get("hhh_rm_minus_rm_no_hf")
     if not diff:
         return ""
-    d = f"{diff['difference']:+.1%} [{diff['ci_low']:+.1%}, {diff['ci_high']:+.1%}]"
+    d = _diff(diff)
     if diff["ci_low"] > 0:
         verdict = "the Heuristic Filter **helps** on HHH"
     elif diff["ci_high"] < 0:

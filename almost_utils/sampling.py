@@ -9,8 +9,8 @@ The engine
 * keeps per-row keys/values in preallocated buffers written in place (no concatenation);
 * builds its own attention masks from real token positions, so left padding and gemma's
   sliding window (which HF counts in cache slots) cannot change the result;
-* computes the output layer only for the last position, and samples top-p from the top-k
-  logits instead of sorting the 262k-entry vocabulary of gemma (exact, see :func:`nucleus`);
+* computes the output layer only for the last position, and samples top-p from the top
+  candidates instead of sorting the 262k-entry vocabulary of gemma (exact, see :func:`nucleus`);
 * checks stop strings by decoding only a short tail of each row.
 
 The model's own modules do the work: the engine only swaps in its attention function
@@ -20,6 +20,8 @@ model built on that interface (gemma, llama, qwen, ...) works unchanged.
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -29,8 +31,10 @@ from tqdm.auto import tqdm
 from transformers import AttentionInterface, PreTrainedConfig
 
 ATTENTION_NAME = "almost_shared_prefix"
-TOP_K = 1024            # first guess at how many logits hold the nucleus; enlarged when not
-PREFILL_BUDGET = 2**25  # attention scores (floats) one prefill chunk may hold: 128 MB in fp32
+FIRST_CUT = 8.0         # nats below the best logit: the first guess at the nucleus' candidates
+BLOCK = 64              # logits per block when searching for candidates
+PREFILL_CHUNK = 256     # tokens per row per prefill call: causal and windowed attention skip work
+PREFILL_BUDGET = 2**25  # attention scores (floats) one prefill call may hold: 128 MB in fp32
 
 
 @dataclass
@@ -51,38 +55,74 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 
 
 # --------------------------------------------------------------------------- sampling
-def nucleus(logits: torch.Tensor, top_p: float, k: int = TOP_K) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-p (nucleus) filtering computed on the top-k logits only.
+def nucleus(logits: torch.Tensor, top_p: float, first_cut: float = FIRST_CUT) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-p (nucleus) filtering that sorts only a few hundred candidate logits per row.
 
-    Returns ``(probs, ids)``, both ``[B, k']``: the probabilities (under the full-vocabulary
-    softmax) of the k' most likely tokens, most likely first, set to 0 outside the nucleus.
+    Returns ``(probs, ids)``, both ``[B, k]`` for some k: the probabilities (under the full-
+    vocabulary softmax) of each row's candidate tokens, most likely first, set to 0 outside
+    the nucleus (padding has probability 0 too).
 
     A token is in the nucleus when the tokens strictly more likely than it hold less than
     ``top_p`` of the mass (HF's ``TopPLogitsWarper``; the most likely token always stays).
-    If the top k tokens hold at least ``top_p``, every token outside them has at least that
-    much mass before it and is cut anyway, so the result equals full top-p exactly. When
-    they hold less (a flat distribution), k grows fourfold until they do (at worst: the whole
-    vocabulary). The normaliser is a full-vocabulary logsumexp, so probabilities are exact.
+    Candidates are the tokens at or above a threshold, i.e. a top-k with k chosen per row.
+    If the candidates hold at least ``top_p``, every other token has at least that much mass
+    before it and is cut anyway, so the result equals full-vocabulary top-p exactly. The
+    first threshold (``first_cut`` nats below the best logit) usually holds the nucleus;
+    rows where it does not widen the cut (doubling it) down to a threshold that provably
+    does: tokens below ``lse + log((1 - top_p) / V)`` have probability under
+    ``(1 - top_p) / V`` each, so all of them together hold less than ``1 - top_p``.
     """
-    vocab = logits.shape[-1]
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-    k = min(k, vocab)
+    b, vocab = logits.shape
+    blocks = _blocks(logits)
+    best = blocks.amax(dim=-1)                                  # [B, vocab / BLOCK] block maxima
+    m = best.amax(dim=-1, keepdim=True)
+    lse = m + (logits - m).exp_().sum(dim=-1, keepdim=True).log_()   # full-vocabulary normaliser
+    safe = lse + math.log(max(1.0 - top_p, 1e-30) / vocab)     # provably enough (see above)
+    thr = torch.maximum(m - first_cut, safe)
     while True:
-        vals, ids = logits.topk(k, dim=-1)              # sorted, most likely first
-        probs = (vals - lse).exp_()
-        cum = probs.cumsum(dim=-1)
-        if k == vocab or bool((cum[:, -1] >= top_p).all()):
+        probs, ids = _candidates(blocks, best, thr, lse)
+        short = probs.cumsum(dim=-1)[:, -1] < top_p             # rows whose candidates miss mass
+        if not bool(short.any()):
             break
-        k = min(4 * k, vocab)
-    before = cum - probs                                # mass strictly before each token
-    return probs.masked_fill_(before >= top_p, 0.0), ids
+        first_cut *= 2                                          # widen only those rows
+        thr = torch.where(short[:, None], torch.maximum(m - first_cut, safe), thr)
+    cum = probs.cumsum(dim=-1)
+    return probs.masked_fill_(cum - probs >= top_p, 0.0), ids   # cum - probs: mass strictly before
+
+
+def _blocks(logits: torch.Tensor) -> torch.Tensor:
+    """``[B, n, BLOCK]`` view of the logits, padded with -inf when the vocabulary is not a multiple."""
+    b, vocab = logits.shape
+    if vocab % BLOCK:
+        logits = torch.nn.functional.pad(logits, (0, BLOCK - vocab % BLOCK), value=float("-inf"))
+    return logits.view(b, -1, BLOCK)
+
+
+def _candidates(blocks: torch.Tensor, best: torch.Tensor, thr: torch.Tensor, lse: torch.Tensor):
+    """Tokens with ``logit >= thr`` per row, most likely first, padded: ``(probs, ids)``.
+
+    Only blocks whose maximum reaches the threshold are searched (a few percent of the
+    vocabulary), which avoids a ``nonzero`` over every logit."""
+    b = blocks.shape[0]
+    r, c = (best >= thr).nonzero(as_tuple=True)               # row-major: rows ascending
+    sub = blocks[r, c]                                          # [n blocks, BLOCK]
+    i, j = (sub >= thr[r]).nonzero(as_tuple=True)
+    rows, cols, vals = r[i], c[i] * BLOCK + j, sub[i, j]
+    counts = torch.bincount(rows, minlength=b)
+    slot = torch.arange(rows.numel()) - (counts.cumsum(0) - counts)[rows]
+    dense = blocks.new_full((b, int(counts.max())), float("-inf"))
+    ids = torch.zeros(dense.shape, dtype=torch.long)
+    dense[rows, slot] = vals
+    ids[rows, slot] = cols
+    dense, order = dense.sort(dim=-1, descending=True)
+    return (dense - lse).exp_(), ids.gather(-1, order)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
     """Next token per row ``[B]`` from last-position logits ``[B, V]``."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits.float() if temperature == 1.0 else logits.float() / temperature
     if top_p >= 1.0:
         return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
     probs, ids = nucleus(logits, top_p)
@@ -100,22 +140,13 @@ class _Prefix:
     def __len__(self):
         return len(self.ids)
 
-    def start(self, sliding_window: int | None) -> int:
-        """First prefix position a query past the prefix can see: a query at p >= P sees keys
-        at k > p - window, so a sliding layer needs only the last window - 1 prefix tokens."""
-        return 0 if not sliding_window else max(0, len(self) - sliding_window + 1)
-
-    def window(self, layer: int, sliding_window: int | None):
-        start = self.start(sliding_window)
-        return self.keys[layer][:, start:], self.values[layer][:, start:]
-
 
 class _KV:
     """Per-row keys/values of one batch in preallocated slots, plus the shared prefix.
 
     Row b's slot j holds the token at position ``pos[b, j]``; ``valid`` marks real tokens
     (left padding is invalid). A forward call writes slots ``[t0, t1)`` and attends to the
-    prefix plus slots ``[0, t1)``. Masks come from positions, never from slot indices, so
+    prefix plus earlier slots. Masks come from positions, never from slot indices, so
     padding does not shrink the sliding window.
     """
 
@@ -124,47 +155,55 @@ class _KV:
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self.t0 = self.t1 = 0
-        self._masks: dict = {}
+        self._spans: dict = {}
 
     def advance(self, t0: int, t1: int):
-        self.t0, self.t1, self._masks = t0, t1, {}
+        self.t0, self.t1, self._spans = t0, t1, {}
 
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor):
-        """Store this step's keys/values in place; return the per-row ones to attend to."""
+        """Store this call's keys/values in their slots, in place."""
         if layer not in self.keys:   # shapes come from the model: allocate on first use
             b, h, _, d = key.shape
             slots = self.pos.shape[1]
             self.keys[layer] = key.new_zeros(b, h, slots, d)
             self.values[layer] = value.new_zeros(b, h, slots, d)
-        k, v = self.keys[layer], self.values[layer]
-        k[:, :, self.t0:self.t1] = key
-        v[:, :, self.t0:self.t1] = value
-        return k[:, :, :self.t1], v[:, :, :self.t1]
+        self.keys[layer][:, :, self.t0:self.t1] = key
+        self.values[layer][:, :, self.t0:self.t1] = value
 
-    def mask(self, sliding_window: int | None) -> torch.Tensor:
-        """Additive mask ``[B, 1, 1, L, prefix + t1]`` (memoised per step and window)."""
-        if sliding_window not in self._masks:
-            self._masks[sliding_window] = self._build_mask(sliding_window)
-        return self._masks[sliding_window]
+    def span(self, window: int | None):
+        """``(prefix_start, row_start, mask)`` for this call (memoised per window).
 
-    def _build_mask(self, window: int | None) -> torch.Tensor:
+        A query at position p sees keys at k > p - window. Within a row, slot distance is
+        position distance, so slots before ``t0 - window + 1`` are out of every query's window;
+        prefix positions before ``min query position - window + 1`` likewise. The mask is
+        additive, ``[B, 1, 1, L, prefix keys + row keys]``.
+        """
+        if window not in self._spans:
+            self._spans[window] = self._span(window)
+        return self._spans[window]
+
+    def _span(self, window: int | None):
         t0, t1 = self.t0, self.t1
+        row_start = max(0, t0 - window + 1) if window else 0
         q = self.pos[:, t0:t1, None]                      # [B, L, 1] query positions
-        k = self.pos[:, None, :t1]                        # [B, 1, t1] key positions
-        ok = self.valid[:, None, :t1] & (k <= q)
+        k = self.pos[:, None, row_start:t1]               # [B, 1, keys] key positions
+        ok = self.valid[:, None, row_start:t1] & (k <= q)
         if window:
             ok &= q - k < window
         # Every query sees its own slot: padding rows stay finite (no all-masked softmax).
         steps = torch.arange(t1 - t0)
-        ok[:, steps, t0 + steps] = True
+        ok[:, steps, t0 - row_start + steps] = True
+        prefix_start = 0
         if self.prefix is not None:
-            kp = torch.arange(self.prefix.start(window), len(self.prefix))[None, None, :]
+            n = len(self.prefix)
+            prefix_start = min(n, max(0, int(self.pos[:, t0].min()) - window + 1)) if window else 0
+            kp = torch.arange(prefix_start, n)[None, None, :]
             okp = kp <= q
             if window:
                 okp &= q - kp < window
             ok = torch.cat([okp, ok], dim=-1)
         mask = torch.zeros(ok.shape, dtype=torch.float32).masked_fill_(~ok, float("-inf"))
-        return mask[:, None, None]
+        return prefix_start, row_start, mask[:, None, None]
 
     def select(self, rows: torch.Tensor):
         """Keep only ``rows`` (finished rows leave the batch)."""
@@ -182,27 +221,30 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
     queries against the single prefix copy, ``[kv_heads, B*G*L, D] @ [kv_heads, D, P]``.
     ``attention_mask`` is ignored: masks come from ``almost_kv`` (real positions).
     """
-    kv = almost_kv
+    kv, layer = almost_kv, module.layer_idx
     b, n_heads, length, d = query.shape
     kv_heads = key.shape[1]
     g = n_heads // kv_heads                     # query heads per kv head (adjacent, as repeat_kv)
-    ks, vs = kv.write(module.layer_idx, key, value)
-    q = query.reshape(b, kv_heads, g * length, d)
-    scores = q @ ks.transpose(-1, -2)           # [B, kvh, G*L, t1]
-    n_prefix = 0
-    if kv.prefix is not None:
-        kp, vp = kv.prefix.window(module.layer_idx, sliding_window)
-        n_prefix = kp.shape[1]
+    kv.write(layer, key, value)
+    prefix_start, row_start, mask = kv.span(sliding_window)
+    ks = kv.keys[layer][:, :, row_start:kv.t1]
+    vs = kv.values[layer][:, :, row_start:kv.t1]
+    # Scale q rather than the scores: fewer elements (and exact for gemma's 1/16).
+    q = (query * (d ** -0.5 if scaling is None else scaling)).reshape(b, kv_heads, g * length, d)
+    scores = q @ ks.transpose(-1, -2)           # [B, kvh, G*L, row keys]
+    n_prefix = len(kv.prefix) - prefix_start if kv.prefix is not None else 0
+    if n_prefix:
+        kp = kv.prefix.keys[layer][:, prefix_start:]
         qp = q.transpose(0, 1).reshape(kv_heads, b * g * length, d)
         sp = (qp @ kp.transpose(-1, -2)).view(kv_heads, b, g * length, n_prefix).transpose(0, 1)
         scores = torch.cat([sp, scores], dim=-1)
-    scores = scores * (d ** -0.5 if scaling is None else scaling)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.view(b, kv_heads, g, length, -1).add_(kv.mask(sliding_window))
+    scores = scores.view(b, kv_heads, g, length, -1).add_(mask)
     probs = torch.softmax(scores, dim=-1).view(b, kv_heads, g * length, -1)
     out = probs[..., n_prefix:] @ vs            # [B, kvh, G*L, D]
     if n_prefix:
+        vp = kv.prefix.values[layer][:, prefix_start:]
         pp = probs[..., :n_prefix].transpose(0, 1).reshape(kv_heads, b * g * length, n_prefix)
         out = out + (pp @ vp).view(kv_heads, b, g * length, d).transpose(0, 1)
     return out.reshape(b, n_heads, length, d).transpose(1, 2).contiguous(), None
@@ -226,6 +268,40 @@ def _attention(model, name: str):
             c._attn_implementation = before[k]
 
 
+def pack_linears(model) -> dict:
+    """oneDNN-packed copies of the model's fp32 CPU ``nn.Linear`` weights (empty if unsupported).
+
+    At decode-sized inputs (16 rows) MKL's sgemm, which ``F.linear`` uses, is compute-bound
+    far below the machine's peak; the same product from a prepacked oneDNN weight took 71 ms
+    instead of 113 ms for gemma's 262k x 640 output layer (1 thread). Costs one more copy of
+    the weights in memory.
+    """
+    reorder = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
+    if reorder is None or not torch.backends.mkldnn.is_available():
+        return {}
+    packed = {}
+    for m in model.modules():
+        if type(m) is torch.nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32:
+            packed[m] = reorder(m.weight.detach(), 16)
+    return packed
+
+
+def _packed_forward(weight, bias, x):
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@contextlib.contextmanager
+def _use_packed(packed: dict):
+    """Route each packed ``nn.Linear`` through its packed weight for a while."""
+    try:
+        for m, w in packed.items():
+            m.forward = functools.partial(_packed_forward, w, None if m.bias is None else m.bias.detach())
+        yield
+    finally:
+        for m in packed:
+            m.__dict__.pop("forward", None)
+
+
 def _weights_version(model) -> tuple:
     """Changes whenever a parameter is replaced or modified in place (training, merging)."""
     return tuple((id(p), p._version) for p in model.parameters())
@@ -235,9 +311,11 @@ def _weights_version(model) -> tuple:
 class TransformersEngine:
     """Batched, prefix-cached sampling with a transformers causal LM (see the module docstring)."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 16, progress: bool = True, prefix_cache: bool = True):
+    def __init__(self, model, tokenizer, batch_size: int = 16, progress: bool = True, prefix_cache: bool = True,
+                 pack_weights: bool = True):
         self.model, self.tokenizer = model, tokenizer
-        self.batch_size, self.progress, self.prefix_cache = batch_size, progress, prefix_cache
+        self.batch_size, self.progress = batch_size, progress
+        self.prefix_cache, self.pack_weights = prefix_cache, pack_weights
         eos = model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         self.eos = set(eos) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
@@ -245,6 +323,7 @@ class TransformersEngine:
         self.pad = pad if pad is not None else next(iter(self.eos), 0)
         self.n_heads = model.config.get_text_config().num_attention_heads
         self._prefix_memo: tuple | None = None   # (ids, weights version, _Prefix)
+        self._packed_memo: tuple | None = None   # (weights version, {module: packed weight})
 
     # ---------------------------------------------------------------- public
     def generate(self, prompts: list[str], params: SamplingParams, prefix: str = "", desc: str | None = None) -> list[str]:
@@ -262,7 +341,7 @@ class TransformersEngine:
         out: list[list[int] | None] = [None] * len(queries)
         bar = tqdm(total=len(queries), desc=desc or "sampling", unit="prompt", disable=not self.progress)
         n_tokens, t_start = 0, time.perf_counter()
-        with torch.inference_mode(), _attention(self.model, ATTENTION_NAME):
+        with torch.inference_mode(), _attention(self.model, ATTENTION_NAME), _use_packed(self._packed()):
             shared = self._prefix(prefix_ids) if (self.prefix_cache and prefix_ids) else None
             rows_prefix = [] if shared is not None else prefix_ids
             for bi, s in enumerate(range(0, len(order), self.batch_size)):
@@ -278,7 +357,8 @@ class TransformersEngine:
         return out
 
     def clear_cache(self):
-        self._prefix_memo = None
+        """Forget the memoised prefix and packed weights (they are rebuilt on the next call)."""
+        self._prefix_memo = self._packed_memo = None
 
     # ---------------------------------------------------------------- internals
     def _tokenize(self, prompts: list[str], prefix: str):
@@ -296,6 +376,16 @@ class TransformersEngine:
             # A row needs one token of its own to predict from: lend it the prefix's last one.
             prefix_ids, queries = prefix_ids[:-1], [prefix_ids[-1:] + q for q in queries]
         return prefix_ids, queries
+
+    def _packed(self) -> dict:
+        """Packed weights for the current weights (re-packed after any change)."""
+        if not self.pack_weights:
+            return {}
+        version = _weights_version(self.model)
+        if self._packed_memo is None or self._packed_memo[0] != version:
+            self._packed_memo = None
+            self._packed_memo = (version, pack_linears(self.model))
+        return self._packed_memo[1]
 
     def _prefix(self, ids: list[int]) -> _Prefix:
         """The shared prefix's keys/values, computed once and memoised (by ids and weights)."""
@@ -319,10 +409,11 @@ class TransformersEngine:
         return out.logits[:, -1]
 
     def _prefill(self, ids: torch.Tensor, kv: _KV) -> torch.Tensor:
-        """Prefill in chunks whose attention scores fit ``PREFILL_BUDGET``."""
+        """Prefill in chunks: later chunks skip keys outside the causal window, and the
+        attention scores of a chunk stay within ``PREFILL_BUDGET``."""
         b, n = ids.shape
         keys = n + (len(kv.prefix) if kv.prefix is not None else 0)
-        chunk = max(16, PREFILL_BUDGET // (b * self.n_heads * keys))
+        chunk = max(16, min(PREFILL_CHUNK, PREFILL_BUDGET // (b * self.n_heads * keys)))
         for t0 in range(0, n, chunk):
             logits = self._forward(ids[:, t0:t0 + chunk], kv, t0)
         return logits

@@ -105,11 +105,12 @@ display(rm_report.timings_table(cfg).round(1))
 # ## Did training work?
 # Left: the Bradley-Terry loss per optimizer step (thin: raw, thick: smoothed) starts near
 # $\log 2 \approx 0.69$ - an RM that cannot tell the two answers apart - and should fall below
-# it. Right: the share of pairs in each training batch ranked right, and the same on the
-# held-out pairs where the recipe asks for evaluations during training.
+# it. Right: the share of pairs in each training batch ranked right (smoothed), the held-out
+# accuracy where the recipe asks for evaluations during training (`eval_steps`), and the final
+# held-out accuracy of each trained RM (star).
 
 # %%
-fig = rm_figures.training_curves(res["training_log"])
+fig = rm_figures.training_curves(res["training_log"], rm_figures.final_heldout(metrics))
 plt.show()
 display(pd.DataFrame(metrics["training"]).T[["train_pairs", "truncated_train_pairs", "optimizer_steps",
                                              "train_tokens", "first_loss", "final_loss", "seconds"]])
@@ -132,9 +133,11 @@ plt.show()
 # %% [markdown]
 # ## 2. Human preferences: BIG-bench HHH
 # The real question. Each HHH pair is a conversation and two answers, one preferred by people on
-# careful reflection; many pairs are built to trap a model that merely likes long, confident
-# answers. Bars show the accuracy per category with 95% bootstrap intervals; the grey dotted line
-# is chance. With 43-61 pairs per category an interval spans roughly +-13 points, so only large
+# careful reflection. Length is a strong cue here too - the preferred answer is often the longer,
+# more thorough one (on the real set "longer" ranks about 63% of pairs right) - so the bar to
+# clear is the green one, not 50%: an RM that only learned "longer is better" would match it, not
+# beat it. Bars show the accuracy per category with 95% bootstrap intervals; the dotted line is
+# chance. With 43-61 pairs per category an interval spans roughly +-13 points, so only large
 # differences are real.
 
 # %%
@@ -194,7 +197,6 @@ display(Markdown(rm_report.findings(metrics)))
 # versions, timings, counts).
 
 # %%
-figs = rm_figures.make_figures(cfg.run_dir / "reward_model")
-for f in figs.values():
-    plt.close(f)
-print(sorted(p.name for p in (cfg.run_dir / "reward_model").iterdir()))
+stage = cfg.run_dir / "reward_model"
+print("\n".join(sorted(str(p.relative_to(stage)) for p in stage.rglob("*")
+                         if p.is_file() and "scores/" not in str(p.relative_to(stage)))))

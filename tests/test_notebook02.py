@@ -53,6 +53,8 @@ def test_notebook_writes_metrics_figures_and_manifest(notebook_run):
     hhh_subsets = {a["subset"] for a in metrics["accuracy"] if a["benchmark"] == "hhh"}
     assert hhh_subsets == {"all", "harmless", "helpful", "honest", "other"}
     assert "hhh_rm_minus_rm_no_hf" in metrics["ablation"]
+    assert set(metrics["paired"]["hhh"]) == {"rm_minus_longer", "rm_minus_untrained", "rm_no_hf_minus_longer",
+                                             "rm_no_hf_minus_untrained"}
     for name in ("training_curves", "reward_distributions", "hhh_accuracy", "heldout_accuracy"):
         assert (stage / "figures" / f"{name}.png").stat().st_size > 1000
     man = read_json(stage / "manifest.json")

@@ -1,15 +1,14 @@
 """Reward model: encoding, training on a separable toy set, save/reload, scoring, evaluation helpers."""
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from almost_utils import rm_eval
 from almost_utils.config import load_config
-from almost_utils.reward import (RewardScorer, encode, ensure_reward_pad_token, find_reward_model, load_backbone,
-                                 load_reward_model, train_reward_model)
+from almost_utils.reward import (RewardScorer, encode, ensure_reward_pad_token, find_reward_model, load_reward_model,
+                                 train_reward_model)
 from almost_utils.reward_stage import heldout_rows, split_queries, training_rows
 from conftest import ROOT, TINY
 from rm_toy import toy_pairs
@@ -137,3 +136,21 @@ def test_split_is_by_query_and_seeded():
     assert not {r["query_id"] for r in train} & {r["query_id"] for r in held}
     assert len(held) == 15 and sum(r["hf"] for r in held) == 10     # 2 HF pairs + 1 dropped per query
     assert len(training_rows(pairs, eval_q, 7, 0)) == 7
+
+
+def test_stage_trains_once_when_the_filter_dropped_nothing(tmp_path):
+    from almost_utils.artifacts import read_json, write_jsonl
+    from almost_utils.reward_stage import run_reward_model_stage
+    pairs, _ = toy_pairs(8, seed=2)
+    write_jsonl(tmp_path / "run" / "comparisons" / "pairs.jsonl", pairs)
+    write_jsonl(tmp_path / "run" / "comparisons" / "pairs_no_hf.jsonl", pairs)
+    cfg = load_config(TINY, {"output_dir": str(tmp_path / "run"), "reward_model.bootstrap_samples": 50,
+                             "reward_model.hhh_dir": str(ROOT / "tests" / "fixtures" / "bigbench")})
+    metrics = run_reward_model_stage(cfg, progress=False)
+    stage = tmp_path / "run" / "reward_model"
+    man = read_json(stage / "manifest.json")
+    assert "train_rm" in man["timings_s"] and "train_rm_no_hf" not in man["timings_s"]
+    ids = [read_json(stage / v / "reward_model.json")["train"]["train_id"] for v in ("rm", "rm_no_hf")]
+    assert ids[0] == ids[1]
+    assert metrics["ablation"]["hhh_rm_minus_rm_no_hf"]["difference"] == 0.0
+    assert not (stage / "heldout_pairs.jsonl").read_text().count('"hf": false')

@@ -102,7 +102,7 @@ def test_gpu_recipe_fits_24_gib():
     rm = rows[("reward_model", "rm7b")]
     assert rm.precision.startswith("nf4")
     # 4-bit weights of a 7B are a fraction of its bf16 weights
-    assert rm.parts["weights"] < 0.35 * rows[("comparisons", "qwen7b")].parts["weights"]
+    assert rm.parts["weights"] < 0.4 * rows[("comparisons", "qwen7b")].parts["weights"]
 
 
 def test_memory_cli_runs_as_a_module():

@@ -7,9 +7,9 @@ the Heuristic Filter.
 
 Outputs under ``results/<run>/comparisons/``:
 
-* ``responses/<config>.<chunk>.jsonl`` - ``{"query_id", "config", "response", "bad"}`` where
-  ``bad`` is None or the reason the response was dropped; written per chunk, so an interrupted
-  run resumes without losing finished generations.
+* ``responses/<config>.<chunk>.jsonl`` - ``{"query_id", "config", "raw"}``, the raw samples,
+  written per chunk, so an interrupted run resumes without losing finished generations. The
+  bad-response rules are applied when they are read (:func:`load_responses`).
 * ``pairs_no_hf.jsonl`` - every pair, filter off (the ablation of Step 2 trains on it).
 * ``pairs.jsonl`` - the pairs that survive the Heuristic Filter (or all, when it is switched off)::
 
@@ -18,6 +18,7 @@ Outputs under ``results/<run>/comparisons/``:
 """
 from __future__ import annotations
 
+import re
 import statistics
 import zlib
 from dataclasses import dataclass
@@ -52,6 +53,29 @@ def bad_reason(text: str, min_chars: int = 50, require_final_punctuation: bool =
     if require_final_punctuation and not t.endswith((".", "!")):
         return "no final . or !"
     return None
+
+
+def trim_to_last_sentence(text: str) -> str:
+    """Cut an unfinished response back to the end of its last complete sentence.
+
+    Not in the paper: with the short token caps of the CPU recipe most long answers are cut
+    mid-sentence and would all be dropped by the "final . or !" rule. Trimming keeps their
+    finished part (the other rules then apply to it as usual).
+
+    >>> trim_to_last_sentence("First point. Second point! And a third that never ends")
+    'First point. Second point!'
+    """
+    t = text.strip()
+    if t.endswith((".", "!")):
+        return t
+    ends = [m.end() for m in re.finditer(r"[.!](?=\s)", t)]
+    return t[:ends[-1]] if ends else t
+
+
+def judge_response(raw: str, c) -> tuple[str, str | None]:
+    """``(text, bad_reason)`` of a raw sampled response under a comparisons config."""
+    text = trim_to_last_sentence(raw) if c.trim_to_last_sentence else raw.strip()
+    return text, bad_reason(text, c.min_chars, c.require_final_punctuation)
 
 
 # --------------------------------------------------------------------------- pairing
@@ -152,22 +176,26 @@ def sample_responses(cfg: RunConfig, queries: list[dict], engines=None, progress
             prompts = [open_turn([("Human", q["query"])]) for q in chunks[i]]
             texts = engine.generate(prompts, params, prefix=prompt_prefix(cfg, conf),
                                     desc=f"{conf.name} {i + 1}/{len(chunks)}")
-            store.put(f"{conf.name}.{i:04d}", [
-                {"query_id": q["id"], "config": conf.name, "response": t.strip(),
-                 "bad": bad_reason(t, c.min_chars, c.require_final_punctuation)}
-                for q, t in zip(chunks[i], texts)])
+            store.put(f"{conf.name}.{i:04d}", [{"query_id": q["id"], "config": conf.name, "raw": t}
+                                                for q, t in zip(chunks[i], texts)])
         del engine
     return load_responses(cfg)
 
 
 def load_responses(cfg: RunConfig) -> dict[str, dict[int, dict]]:
-    """Responses on disk, as ``{config: {query_id: row}}``."""
+    """Responses on disk, judged under the current rules, as ``{config: {query_id: row}}``.
+
+    Files keep the raw samples; ``response`` and ``bad`` are derived on load, so changing a rule
+    re-pairs without sampling again.
+    """
     store = ResumableJsonl(cfg.stage_dir("comparisons") / "responses")
     out: dict[str, dict[int, dict]] = {conf.name: {} for conf in configurations(cfg)}
     for key in store.keys():
         name = key.rsplit(".", 1)[0]
         if name in out:
-            out[name].update({r["query_id"]: r for r in store.get(key)})
+            for r in store.get(key):
+                text, bad = judge_response(r["raw"], cfg.comparisons)
+                out[name][r["query_id"]] = dict(r, response=text, bad=bad)
     return out
 
 

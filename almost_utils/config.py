@@ -105,6 +105,7 @@ class ComparisonsConfig:
     max_new_tokens: dict[str, int] = field(default_factory=lambda: {"faithful": 768, "hhh": 384})
     min_chars: int = 50
     require_final_punctuation: bool = True   # drop responses not ending in . or ! (tiny: off)
+    trim_to_last_sentence: bool = False      # cut an unfinished response back to its last . or !
     heuristic_filter: bool = True
 
 

@@ -26,11 +26,13 @@ Usage::
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
 import uuid
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
@@ -121,8 +123,6 @@ def load_backbone(spec: ModelSpec, device: str = "auto", seed: int = 0):
     head's initial weights are a function of ``seed``. With ``load_in_4bit`` (CUDA) the backbone
     is NF4 and the head stays unquantized (transformers keeps the last module in full precision).
     """
-    import contextlib
-
     import torch
 
     from .models import load_model
@@ -156,6 +156,14 @@ def lora_config(rm: RewardModelConfig, num_layers: int):
     return LoraConfig(task_type=TaskType.SEQ_CLS, r=rm.lora_r, lora_alpha=rm.lora_alpha, lora_dropout=rm.lora_dropout,
                       target_modules=list(rm.lora_target_modules), layers_to_transform=layers,
                       layers_pattern="layers" if layers else None, modules_to_save=["score"])
+
+
+@contextlib.contextmanager
+def _quiet_deprecations():
+    """transformers 5.x renamed gradient checkpointing; peft and trl still use the old names."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*gradient_checkpointing.*")
+        yield
 
 
 def _rm_cfg(cfg: RunConfig) -> RewardModelConfig:
@@ -192,26 +200,30 @@ def train_reward_model(cfg: RunConfig, train_rows: Sequence[dict], eval_rows: Se
     model, tok = load_backbone(spec, device, cfg.seed)
     if spec.load_in_4bit and device == "cuda":
         from peft import prepare_model_for_kbit_training
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=rm.gradient_checkpointing)
-    model = get_peft_model(model, lora_config(rm, decoder_layers(model)))
+        with _quiet_deprecations():
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=rm.gradient_checkpointing)
+    with _quiet_deprecations():
+        model = get_peft_model(model, lora_config(rm, decoder_layers(model)))
     train_ds = pairs_dataset(train_rows, tok, rm.max_length)
     eval_ds = pairs_dataset(eval_rows, tok, rm.max_length) if eval_rows else None
     bf16 = next(model.parameters()).dtype == torch.bfloat16 or (spec.load_in_4bit and device == "cuda")
-    args = RewardConfig(
-        output_dir=str(tmp / "trainer"), per_device_train_batch_size=rm.batch_size,
-        per_device_eval_batch_size=rm.batch_size, gradient_accumulation_steps=rm.grad_accum,
-        num_train_epochs=rm.epochs, learning_rate=rm.learning_rate, weight_decay=rm.weight_decay,
-        warmup_steps=rm.warmup_ratio, lr_scheduler_type=rm.lr_scheduler, logging_steps=rm.logging_steps,
-        logging_first_step=True, eval_strategy="steps" if (eval_ds is not None and rm.eval_steps) else "no",
-        eval_steps=rm.eval_steps, save_strategy="no", report_to="none", seed=cfg.seed, data_seed=cfg.seed,
-        use_cpu=device == "cpu", bf16=bool(bf16), fp16=False, gradient_checkpointing=rm.gradient_checkpointing,
-        max_length=None, disable_dropout=False, dataloader_num_workers=0, disable_tqdm=not progress,
-        train_sampling_strategy="group_by_length", length_column_name="length",
-        remove_unused_columns=False)          # keep "length" for the sampler; the collator ignores it
-    trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds.remove_columns("truncated"),
-                            eval_dataset=eval_ds.remove_columns("truncated") if eval_ds is not None else None,
-                            processing_class=tok, callbacks=callbacks)
-    result = trainer.train()
+    with _quiet_deprecations():
+        args = RewardConfig(
+            output_dir=str(tmp / "trainer"), per_device_train_batch_size=rm.batch_size,
+            per_device_eval_batch_size=rm.batch_size, gradient_accumulation_steps=rm.grad_accum,
+            num_train_epochs=rm.epochs, learning_rate=rm.learning_rate, weight_decay=rm.weight_decay,
+            warmup_steps=rm.warmup_ratio, lr_scheduler_type=rm.lr_scheduler, logging_steps=rm.logging_steps,
+            logging_first_step=True, eval_strategy="steps" if (eval_ds is not None and rm.eval_steps) else "no",
+            eval_steps=rm.eval_steps, save_strategy="no", report_to="none", seed=cfg.seed, data_seed=cfg.seed,
+            use_cpu=device == "cpu", bf16=bool(bf16), fp16=False, gradient_checkpointing=rm.gradient_checkpointing,
+            max_length=None, disable_dropout=False, dataloader_num_workers=0, disable_tqdm=not progress,
+            train_sampling_strategy="group_by_length", length_column_name="length",
+            remove_unused_columns=False)      # keep "length" for the sampler; the collator ignores it
+    with _quiet_deprecations():
+        trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds.remove_columns("truncated"),
+                                eval_dataset=eval_ds.remove_columns("truncated") if eval_ds is not None else None,
+                                processing_class=tok, callbacks=callbacks)
+        result = trainer.train()
     seconds = time.perf_counter() - t0
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     summary = {
@@ -352,5 +364,6 @@ def load_reward_model(path: str | Path, device: str = "auto", batch_size: int = 
     if tok.pad_token_id != meta["pad_token_id"]:
         raise RuntimeError(f"{folder}: trained with pad id {meta['pad_token_id']}, the tokenizer now gives "
                            f"{tok.pad_token_id}")
-    model = PeftModel.from_pretrained(model, folder, is_trainable=False)
+    with _quiet_deprecations():
+        model = PeftModel.from_pretrained(model, folder, is_trainable=False)
     return RewardScorer(model, tok, meta["max_length"], batch_size, name=folder.name)

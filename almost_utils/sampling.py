@@ -109,9 +109,9 @@ def _candidates(blocks: torch.Tensor, best: torch.Tensor, thr: torch.Tensor, lse
     i, j = (sub >= thr[r]).nonzero(as_tuple=True)
     rows, cols, vals = r[i], c[i] * BLOCK + j, sub[i, j]
     counts = torch.bincount(rows, minlength=b)
-    slot = torch.arange(rows.numel()) - (counts.cumsum(0) - counts)[rows]
+    slot = torch.arange(rows.numel(), device=rows.device) - (counts.cumsum(0) - counts)[rows]
     dense = blocks.new_full((b, int(counts.max())), float("-inf"))
-    ids = torch.zeros(dense.shape, dtype=torch.long)
+    ids = torch.zeros(dense.shape, dtype=torch.long, device=rows.device)
     dense[rows, slot] = vals
     ids[rows, slot] = cols
     dense, order = dense.sort(dim=-1, descending=True)
@@ -150,8 +150,8 @@ class _KV:
     padding does not shrink the sliding window.
     """
 
-    def __init__(self, prefix: _Prefix | None, pos: torch.Tensor, valid: torch.Tensor):
-        self.prefix, self.pos, self.valid = prefix, pos, valid
+    def __init__(self, prefix: _Prefix | None, pos: torch.Tensor, valid: torch.Tensor, dtype=torch.float32):
+        self.prefix, self.pos, self.valid, self.dtype = prefix, pos, valid, dtype
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self.t0 = self.t1 = 0
@@ -191,18 +191,18 @@ class _KV:
         if window:
             ok &= q - k < window
         # Every query sees its own slot: padding rows stay finite (no all-masked softmax).
-        steps = torch.arange(t1 - t0)
+        steps = torch.arange(t1 - t0, device=ok.device)
         ok[:, steps, t0 - row_start + steps] = True
         prefix_start = 0
         if self.prefix is not None:
             n = len(self.prefix)
             prefix_start = min(n, max(0, int(self.pos[:, t0].min()) - window + 1)) if window else 0
-            kp = torch.arange(prefix_start, n)[None, None, :]
+            kp = torch.arange(prefix_start, n, device=ok.device)[None, None, :]
             okp = kp <= q
             if window:
                 okp &= q - kp < window
             ok = torch.cat([okp, ok], dim=-1)
-        mask = torch.zeros(ok.shape, dtype=torch.float32).masked_fill_(~ok, float("-inf"))
+        mask = torch.zeros(ok.shape, dtype=self.dtype, device=ok.device).masked_fill_(~ok, float("-inf"))
         return prefix_start, row_start, mask[:, None, None]
 
     def select(self, rows: torch.Tensor):
@@ -241,7 +241,7 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores.view(b, kv_heads, g, length, -1).add_(mask)
-    probs = torch.softmax(scores, dim=-1).view(b, kv_heads, g * length, -1)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype).view(b, kv_heads, g * length, -1)
     out = probs[..., n_prefix:] @ vs            # [B, kvh, G*L, D]
     if n_prefix:
         vp = kv.prefix.values[layer][:, prefix_start:]
@@ -346,7 +346,7 @@ class TransformersEngine:
             rows_prefix = [] if shared is not None else prefix_ids
             for bi, s in enumerate(range(0, len(order), self.batch_size)):
                 idx = order[s:s + self.batch_size]
-                gen = torch.Generator().manual_seed((params.seed * 1_000_003 + bi) % 2**63)
+                gen = torch.Generator(self.model.device).manual_seed((params.seed * 1_000_003 + bi) % 2**63)
                 results = self._batch([rows_prefix + queries[i] for i in idx], shared, params, gen)
                 for i, r in zip(idx, results):
                     out[i] = r
@@ -393,9 +393,8 @@ class TransformersEngine:
         if self._prefix_memo and self._prefix_memo[0] == ids and self._prefix_memo[1] == version:
             return self._prefix_memo[2]
         self._prefix_memo = None   # free the old one before building the next
-        n = len(ids)
-        kv = _KV(None, torch.arange(n)[None], torch.ones(1, n, dtype=torch.bool))
-        self._prefill(torch.tensor([ids]), kv)
+        ids_t, kv = self._layout([ids], None, 0)
+        self._prefill(ids_t, kv)
         prefix = _Prefix(ids, {l: k[0] for l, k in kv.keys.items()}, {l: v[0] for l, v in kv.values.items()})
         self._prefix_memo = (ids, version, prefix)
         return prefix
@@ -418,47 +417,58 @@ class TransformersEngine:
             logits = self._forward(ids[:, t0:t0 + chunk], kv, t0)
         return logits
 
-    def _batch(self, rows: list[list[int]], prefix: _Prefix | None, params: SamplingParams,
-               gen: torch.Generator) -> list[list[int]]:
-        """Generate for one batch of token rows (left padded behind the shared prefix)."""
+    def _layout(self, rows: list[list[int]], prefix: _Prefix | None, new_tokens: int):
+        """Left-pad ``rows`` into ``[B, width]`` ids and a :class:`_KV` with room for ``new_tokens``."""
         b, width = len(rows), max(map(len, rows))
-        slots = width + params.max_new_tokens
-        n_prefix = len(prefix) if prefix is not None else 0
+        slots = width + new_tokens
+        device = self.model.device
         ids = torch.full((b, width), self.pad, dtype=torch.long)
         valid = torch.zeros(b, slots, dtype=torch.bool)
-        pos = torch.arange(slots).repeat(b, 1) + n_prefix
+        pos = torch.arange(slots).repeat(b, 1) + (len(prefix) if prefix is not None else 0)
         for r, row in enumerate(rows):
             pad = width - len(row)
             ids[r, pad:] = torch.tensor(row)
             valid[r, pad:width] = True
-            pos[r] -= pad
-        kv = _KV(prefix, pos, valid)
-        logits = self._prefill(ids, kv)
+            pos[r] -= pad                      # real tokens count positions from the prefix on
+        return ids.to(device), _KV(prefix, pos.to(device), valid.to(device), self.model.dtype)
 
-        eos = set() if params.ignore_eos else self.eos
-        stops = [s for s in params.stop if s]
-        tail = 4 * max(map(len, stops), default=0) + 2   # tokens that surely cover a stop string
+    def _batch(self, rows: list[list[int]], prefix: _Prefix | None, params: SamplingParams,
+               gen: torch.Generator) -> list[list[int]]:
+        """Generate for one batch of token rows (left padded behind the shared prefix)."""
+        ids, kv = self._layout(rows, prefix, params.max_new_tokens)
+        width = ids.shape[1]
+        logits = self._prefill(ids, kv)
+        done = self._stopper(params)
         out: list[list[int]] = [[] for _ in rows]
-        active = list(range(b))                          # batch row -> output row
+        active = list(range(len(rows)))                  # batch row -> output row
         for t in range(params.max_new_tokens):
             nxt = sample(logits, params.temperature, params.top_p, gen)
-            keep = []
-            for j, tok in enumerate(nxt.tolist()):
-                o = out[active[j]]
-                if tok in eos:
-                    continue
-                o.append(tok)
-                if stops and any(s in self.tokenizer.decode(o[-tail:], skip_special_tokens=True) for s in stops):
-                    continue
-                keep.append(j)
+            keep = [j for j, tok in enumerate(nxt.tolist()) if not done(out[active[j]], tok)]
             if not keep or t == params.max_new_tokens - 1:
                 break
             if len(keep) < len(active):                  # finished rows leave the batch
-                rows_t = torch.tensor(keep)
+                rows_t = torch.tensor(keep, device=nxt.device)
                 kv.select(rows_t)
                 nxt = nxt[rows_t]
                 active = [active[j] for j in keep]
-            slot = width + t
-            kv.valid[:, slot] = True
-            logits = self._forward(nxt[:, None], kv, slot)
+            kv.valid[:, width + t] = True
+            logits = self._forward(nxt[:, None], kv, width + t)
         return out
+
+    def _stopper(self, params: SamplingParams):
+        """``done(tokens, new)``: append ``new`` unless it is EOS; is the row finished?
+
+        Stop strings are looked for in the decoded tail only: a stop string of n characters
+        spans at most 4n tokens (byte-level tokens), plus one in case decoding the tail's
+        first token drops a leading space."""
+        eos = set() if params.ignore_eos else self.eos
+        stops = [s for s in params.stop if s]
+        tail = 4 * max(map(len, stops), default=0) + 2
+        decode = self.tokenizer.decode
+
+        def done(tokens: list[int], new: int) -> bool:
+            if new in eos:
+                return True
+            tokens.append(new)
+            return bool(stops) and any(s in decode(tokens[-tail:], skip_special_tokens=True) for s in stops)
+        return done

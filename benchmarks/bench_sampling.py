@@ -61,24 +61,35 @@ def hf_kwargs(new_tokens: int, greedy: bool, tok):
     return kw | (dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_p=0.9))
 
 
+class Clock:
+    """Wall-clock and process CPU seconds. On a shared machine, CPU time counts only the time
+    this process ran (with 1 thread it equals wall time on an idle machine)."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def stop(self):
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
 def run_a(model, tok, prefix, prompts, new_tokens, greedy=False, seed=0):
     """(a) one prompt at a time, whole prompt recomputed every time."""
     torch.manual_seed(seed)
-    outs, t0 = [], time.perf_counter()
+    outs, clock = [], Clock()
     for p in prompts:
         ids = torch.tensor([joined_ids(tok, prefix, p)])
         o = model.generate(ids, attention_mask=torch.ones_like(ids), **hf_kwargs(new_tokens, greedy, tok))
         outs.append(o[0, ids.shape[1]:].tolist())
-    return outs, time.perf_counter() - t0
+    return outs, clock.stop()
 
 
 def run_b(model, tok, prefix, prompts, new_tokens, batch_size, seed=0):
     """(b) batched generate reusing a prefix KV cache (copied per batch, expanded to the batch)."""
     torch.manual_seed(seed)
-    t0 = time.perf_counter()
+    clock = Clock()
     prefix_ids = tok(prefix).input_ids
     with torch.no_grad():
-        cache = model(torch.tensor([prefix_ids]), use_cache=True).past_key_values
+        cache = model(torch.tensor([prefix_ids]), use_cache=True).cache
     outs = []
     for s in range(0, len(prompts), batch_size):
         qs = [tok(p, add_special_tokens=False).input_ids for p in prompts[s:s + batch_size]]
@@ -92,9 +103,9 @@ def run_b(model, tok, prefix, prompts, new_tokens, batch_size, seed=0):
             mask[r, ids.shape[1] - len(q):] = 1
         c = copy.deepcopy(cache)
         c.batch_repeat_interleave(len(qs))
-        o = model.generate(ids, attention_mask=mask, past_key_values=c, **hf_kwargs(new_tokens, False, tok))
+        o = model.generate(ids, attention_mask=mask, cache=c, **hf_kwargs(new_tokens, False, tok))
         outs += o[:, ids.shape[1]:].tolist()
-    return outs, time.perf_counter() - t0
+    return outs, clock.stop()
 
 
 def run_c(engine, prefix, prompts, new_tokens, greedy=False, seed=0):
@@ -102,9 +113,9 @@ def run_c(engine, prefix, prompts, new_tokens, greedy=False, seed=0):
     engine.clear_cache()
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0 if greedy else 1.0, top_p=0.9,
                             seed=seed, ignore_eos=True)
-    t0 = time.perf_counter()
+    clock = Clock()
     outs = engine.generate_tokens(prompts, params, prefix=prefix)
-    return outs, time.perf_counter() - t0
+    return outs, clock.stop()
 
 
 def machine_info():
@@ -150,26 +161,38 @@ def main():
     run_c(engine, prefix, prompts[:2], 2)
     run_a(model, tok, prefix, prompts[:1], 2)
 
-    res, tok_s = {}, {}
+    res, tok_s, cpu_tok_s = {}, {}, {}
     steps = [("c", lambda: run_c(engine, prefix, prompts, args.new_tokens), len(prompts))]
     if not args.skip_b:
         steps.append(("b", lambda: run_b(model, tok, prefix, prompts, args.new_tokens, args.batch_size), len(prompts)))
     if not args.skip_a:
         steps.append(("a", lambda: run_a(model, tok, prefix, prompts[:n_a], args.new_tokens), n_a))
+    if not args.skip_b:   # (c) again last: contention that drifts during the run shows up as a spread
+        steps.append(("c2", lambda: run_c(engine, prefix, prompts, args.new_tokens), len(prompts)))
     names = {"a": "(a) HF generate, one prompt at a time, no cache reuse",
              "b": f"(b) HF generate, batch {args.batch_size}, prefix KV cache passed in",
-             "c": f"(c) TransformersEngine, batch {args.batch_size}"}
+             "c": f"(c) TransformersEngine, batch {args.batch_size}",
+             "c2": f"(c) TransformersEngine, batch {args.batch_size}, again"}
+    print(f"{'method':<58} {'queries':>7} {'tokens':>6} {'wall s':>7} {'tok/s':>7} {'cpu s':>7} {'tok/cpu-s':>9} {'load':>5}")
     for key, fn, n in steps:
         load0 = loadavg()
-        outs, secs = fn()
+        outs, (secs, cpu) = fn()
         n_tok = sum(map(len, outs))
         assert n_tok == n * args.new_tokens, (key, n_tok)
-        tok_s[key] = n_tok / secs
+        tok_s[key], cpu_tok_s[key] = n_tok / secs, n_tok / cpu
         res[key] = {"method": names[key], "queries": n, "tokens": n_tok, "seconds": round(secs, 2),
-                    "tokens_per_s": round(tok_s[key], 2), "loadavg_before": load0, "loadavg_after": loadavg()}
-        print(f"{names[key]:<58} {n:>3} queries {n_tok:>5} tokens {secs:8.1f} s {tok_s[key]:8.2f} tok/s", flush=True)
+                    "tokens_per_s": round(tok_s[key], 2), "cpu_seconds": round(cpu, 2),
+                    "tokens_per_cpu_s": round(cpu_tok_s[key], 2), "loadavg_before": load0, "loadavg_after": loadavg()}
+        print(f"{names[key]:<58} {n:>7} {n_tok:>6} {secs:>7.1f} {tok_s[key]:>7.2f} {cpu:>7.1f} {cpu_tok_s[key]:>9.2f} "
+              f"{load0:>5.2f}", flush=True)
 
-    ratios = {f"c/{k}": round(tok_s["c"] / tok_s[k], 2) for k in ("b", "a") if k in tok_s}
+    ratios = {}
+    for k in ("b", "a"):
+        if k in tok_s:
+            ratios[f"c/{k}"] = round(tok_s["c"] / tok_s[k], 2)
+            ratios[f"c/{k} (cpu time)"] = round(cpu_tok_s["c"] / cpu_tok_s[k], 2)
+            if "c2" in tok_s:
+                ratios[f"c2/{k}"] = round(tok_s["c2"] / tok_s[k], 2)
     for k, v in ratios.items():
         print(f"ratio {k}: {v:.2f}x")
     greedy = None
@@ -184,10 +207,11 @@ def main():
     if n_a < len(prompts) and "a" in tok_s:
         print(f"note: (a) measured on the first {n_a} of {len(prompts)} queries")
 
-    out = {"model": "packaged:gemma-3-270m", "prefix_tokens": n_prefix, "prefix_dialogues": shots,
+    out = {"command": "python benchmarks/bench_sampling.py " + " ".join(sys.argv[1:]),
+           "model": "packaged:gemma-3-270m", "prefix_tokens": n_prefix, "prefix_dialogues": shots,
            "queries": len(prompts), "new_tokens": args.new_tokens, "temperature": 1.0, "top_p": 0.9,
            "batch_size": args.batch_size, "results": res, "ratios": ratios, "greedy_check": greedy,
-           "machine": machine_info(), "argv": sys.argv[1:], "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+           "machine": machine_info(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

@@ -4,7 +4,8 @@ import pytest
 
 from almost_utils.artifacts import read_jsonl
 from almost_utils.comparisons import (Candidate, bad_reason, build_comparisons, build_pairs,
-                                      heuristic_filter_keep, pair_down_rubric)
+                                      heuristic_filter_keep, judge_response, pair_down_rubric,
+                                      trim_to_last_sentence)
 
 GOOD = "Brush twice a day, floss once, and see a dentist every six months or so."
 
@@ -32,6 +33,26 @@ def test_bad_rules_edge_of_length():
     assert bad_reason("  " + "x" * 48 + ".  ") == "too short"   # whitespace does not count
     assert bad_reason("no final stop at all but long enough to pass the length rule",
                       require_final_punctuation=False) is None
+
+
+@pytest.mark.parametrize("text, trimmed", [
+    ("First point. Second point! And a third that never ends", "First point. Second point!"),
+    ("Already finished.", "Already finished."),
+    ("No sentence end anywhere", "No sentence end anywhere"),
+    ("Version 2.5 is out and it is", "Version 2.5 is out and it is"),   # a decimal point is no sentence end
+    ("Done. ", "Done."),
+])
+def test_trim_to_last_sentence(text, trimmed):
+    assert trim_to_last_sentence(text) == trimmed
+
+
+def test_trimming_is_a_switch(tiny_cfg):
+    c = tiny_cfg.comparisons
+    c.require_final_punctuation, c.min_chars = True, 10
+    raw = "A finished sentence here. And then it stops mid"
+    assert judge_response(raw, c) == (raw, "no final . or !")
+    c.trim_to_last_sentence = True
+    assert judge_response(raw, c) == ("A finished sentence here.", None)
 
 
 def cands(*spec):

@@ -1,12 +1,9 @@
 """Notebook 02 runs end to end on the tiny recipe (papermill), and the stage resumes without retraining.
 
-Step-1 output: the comparisons folder named by ``$ALMOST_NB02_STEP1`` (e.g. notebook 01's
-``results/tiny/comparisons``) when set; otherwise toy pairs (tests/rm_toy.py) written into a fresh
-output folder. HHH is read from the
-fixture in tests/fixtures/bigbench (no network).
+Step-1 output: notebook 01's pairs on the tiny recipe (the session fixture ``tiny_run``). HHH is
+read from the fixture in tests/fixtures/bigbench (no network).
 """
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -15,7 +12,6 @@ import pytest
 from almost_utils.artifacts import read_json
 from almost_utils.config import load_config
 from conftest import ROOT, TINY
-from rm_toy import write_toy_pairs
 
 NOTEBOOK = ROOT / "notebooks" / "02_reward_model.ipynb"
 FIXTURE = ROOT / "tests" / "fixtures" / "bigbench"
@@ -27,14 +23,11 @@ def _overrides(out: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def notebook_run(tmp_path_factory):
-    papermill = pytest.importorskip("papermill")
+def notebook_run(tmp_path_factory, tiny_run):
+    """Notebook 02 on the Step-1 pairs that notebook 01 produced on the tiny scale."""
+    import papermill
     out = tmp_path_factory.mktemp("nb02") / "run"
-    step1 = os.environ.get("ALMOST_NB02_STEP1")
-    if step1:
-        shutil.copytree(step1, out / "comparisons")      # real Step-1 output (notebook 01 on tiny)
-    else:
-        write_toy_pairs(out, n_queries=16)
+    shutil.copytree(tiny_run / "comparisons", out / "comparisons")
     executed = out.parent / "02_executed.ipynb"
     papermill.execute_notebook(str(NOTEBOOK), str(executed), cwd=str(ROOT / "notebooks"), kernel_name="python3",
                                parameters={"config_path": str(TINY), "overrides": _overrides(out)},

@@ -190,7 +190,6 @@ def test_accelerate_configs(name, kind):
 
 
 def test_accelerate_config_is_accepted_by_accelerate():
-    pytest.importorskip("accelerate")
     from accelerate.commands.config.config_args import load_config_from_file
     for name in ("ddp", "fsdp", "deepspeed_zero3"):
         cfg = load_config_from_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml"))

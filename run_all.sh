@@ -11,7 +11,8 @@ OVERRIDES=${OVERRIDES:-"{}"}
 NOTEBOOKS=${NOTEBOOKS:-"01_synthetic_comparisons 02_reward_model"}
 
 bash scripts/setup.sh
-. "${ALMOST_VENV:-.venv}/bin/activate"
+VENV=${ALMOST_VENV:-.venv}; case "$VENV" in /*) ;; *) VENV="$PWD/$VENV" ;; esac
+export PATH="$VENV/bin:$PATH"
 python -m almost_utils.cli setup --config "$CONFIG"     # validates the recipe, converts models once
 RUN_DIR=$(python -c "from almost_utils.config import load_config as l; print(l('$CONFIG', '''$OVERRIDES''').run_dir)")
 mkdir -p "$RUN_DIR/notebooks"

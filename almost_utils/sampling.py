@@ -68,7 +68,7 @@ def nucleus(logits: torch.Tensor, top_p: float, first_cut: float = FIRST_CUT) ->
     If the candidates hold at least ``top_p``, every other token has at least that much mass
     before it and is cut anyway, so the result equals full-vocabulary top-p exactly. The
     first threshold (``first_cut`` nats below the best logit) usually holds the nucleus;
-    rows where it does not widen the cut (doubling it) down to a threshold that provably
+    rows where it does not widen the cut (x4 per round) down to a threshold that provably
     does: tokens below ``lse + log((1 - top_p) / V)`` have probability under
     ``(1 - top_p) / V`` each, so all of them together hold less than ``1 - top_p``.
     """
@@ -82,9 +82,9 @@ def nucleus(logits: torch.Tensor, top_p: float, first_cut: float = FIRST_CUT) ->
     while True:
         probs, ids = _candidates(blocks, best, thr, lse)
         short = probs.cumsum(dim=-1)[:, -1] < top_p             # rows whose candidates miss mass
-        if not bool(short.any()):
+        if not bool(short.any()) or bool((thr <= safe)[short].all()):   # (float rounding at `safe`)
             break
-        first_cut *= 2                                          # widen only those rows
+        first_cut *= 4                                          # widen only those rows
         thr = torch.where(short[:, None], torch.maximum(m - first_cut, safe), thr)
     cum = probs.cumsum(dim=-1)
     return probs.masked_fill_(cum - probs >= top_p, 0.0), ids   # cum - probs: mass strictly before
@@ -304,7 +304,22 @@ def _use_packed(packed: dict):
 
 def _weights_version(model) -> tuple:
     """Changes whenever a parameter is replaced or modified in place (training, merging)."""
-    return tuple((id(p), p._version) for p in model.parameters())
+    try:
+        return tuple((id(p), p._version) for p in model.parameters())
+    except RuntimeError:   # inference tensors keep no version counter
+        return tuple(id(p) for p in model.parameters())
+
+
+@contextlib.contextmanager
+def _threads(n: int | None):
+    """``torch.set_num_threads(n)`` for a while (None: leave it)."""
+    before = torch.get_num_threads()
+    try:
+        if n:
+            torch.set_num_threads(n)
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------- engine
@@ -312,10 +327,14 @@ class TransformersEngine:
     """Batched, prefix-cached sampling with a transformers causal LM (see the module docstring)."""
 
     def __init__(self, model, tokenizer, batch_size: int = 16, progress: bool = True, prefix_cache: bool = True,
-                 pack_weights: bool = True):
+                 pack_weights: bool = True, threads: int | None = None):
+        """``prefix_cache=False`` recomputes the prefix in every row (a reference for tests);
+        ``pack_weights`` keeps oneDNN-packed copies of the linear weights (CPU, fp32; one
+        more copy of the weights in memory); ``threads`` sets torch's thread count during
+        calls (None: leave it; on a busy 2-core machine 1 is several times faster than 2)."""
         self.model, self.tokenizer = model, tokenizer
         self.batch_size, self.progress = batch_size, progress
-        self.prefix_cache, self.pack_weights = prefix_cache, pack_weights
+        self.prefix_cache, self.pack_weights, self.threads = prefix_cache, pack_weights, threads
         eos = model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         self.eos = set(eos) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
@@ -341,7 +360,8 @@ class TransformersEngine:
         out: list[list[int] | None] = [None] * len(queries)
         bar = tqdm(total=len(queries), desc=desc or "sampling", unit="prompt", disable=not self.progress)
         n_tokens, t_start = 0, time.perf_counter()
-        with torch.inference_mode(), _attention(self.model, ATTENTION_NAME), _use_packed(self._packed()):
+        with _threads(self.threads), torch.inference_mode(), _attention(self.model, ATTENTION_NAME), \
+                _use_packed(self._packed()):
             shared = self._prefix(prefix_ids) if (self.prefix_cache and prefix_ids) else None
             rows_prefix = [] if shared is not None else prefix_ids
             for bi, s in enumerate(range(0, len(order), self.batch_size)):
@@ -356,9 +376,11 @@ class TransformersEngine:
         bar.close()
         return out
 
-    def clear_cache(self):
-        """Forget the memoised prefix and packed weights (they are rebuilt on the next call)."""
-        self._prefix_memo = self._packed_memo = None
+    def clear_cache(self, weights: bool = True):
+        """Forget the memoised prefix (and packed weights); they are rebuilt on the next call."""
+        self._prefix_memo = None
+        if weights:
+            self._packed_memo = None
 
     # ---------------------------------------------------------------- internals
     def _tokenize(self, prompts: list[str], prefix: str):

@@ -5,15 +5,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${ALMOST_VENV:-.venv}
+case "$VENV" in /*) ;; *) VENV="$PWD/$VENV" ;; esac
 PY=${PYTHON:-python3}
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "== creating $VENV"
   "$PY" -m venv "$VENV"
 fi
-# shellcheck disable=SC1091
-. "$VENV/bin/activate"
-pipq() { python -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v '^WARNING: Location' || true; }
+export PATH="$VENV/bin:$PATH"     # a venv or a conda env alike (no activate script needed)
+pipq() { python -m pip install -q --disable-pip-version-check "$@"; }   # a failed install stops here
 
 if ! python -c "import torch" 2>/dev/null; then
   # The pinned CPU build; an unpinned torch would pull a multi-GB CUDA build.

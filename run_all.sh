@@ -21,6 +21,8 @@ for nb in $NOTEBOOKS; do
   start=$(date +%s)
   papermill "notebooks/$nb.ipynb" "$RUN_DIR/notebooks/$nb.ipynb" --cwd . \
     -p config_path "$CONFIG" -p overrides "$OVERRIDES" --progress-bar
-  echo "== $nb done in $(( $(date +%s) - start ))s"
+  secs=$(( $(date +%s) - start ))
+  echo "== $nb done in ${secs}s"
+  printf '%s\t%s\t%s\t%ss\n' "$(date -u +%FT%TZ)" "$nb" "$CONFIG" "$secs" >> "$RUN_DIR/notebooks/wall_times.tsv"
 done
 echo "== outputs in $RUN_DIR"

@@ -132,6 +132,9 @@ class Manifest:
     def note(self, key: str, value) -> None:
         self.data["notes"][key] = value
 
+    def set_time(self, key: str, seconds: float) -> None:
+        self.data["timings_s"][key] = round(seconds, 3)
+
     def timer(self, key: str):
         manifest = self
 

@@ -9,7 +9,8 @@ Outputs under ``results/<run>/comparisons/``:
 
 * ``responses/<config>.<chunk>.jsonl`` - ``{"query_id", "config", "raw"}``, the raw samples,
   written per chunk, so an interrupted run resumes without losing finished generations. The
-  bad-response rules are applied when they are read (:func:`load_responses`).
+  bad-response rules are applied when they are read (:func:`load_responses`);
+  ``responses/timings.json`` keeps each unit's sampling seconds across sessions.
 * ``pairs_no_hf.jsonl`` - every pair, filter off (the ablation of Step 2 trains on it).
 * ``pairs.jsonl`` - the pairs that survive the Heuristic Filter (or all, when it is switched off)::
 
@@ -20,15 +21,17 @@ from __future__ import annotations
 
 import re
 import statistics
+import time
 import zlib
 from dataclasses import dataclass
 
-from .artifacts import Manifest, ResumableJsonl, read_jsonl, write_jsonl
+from .artifacts import Manifest, ResumableJsonl, read_json, read_jsonl, write_json, write_jsonl
 from .config import Configuration, RunConfig
 from .dialogue import STOP_STRINGS, few_shot_prefix, load_dialogues, open_turn
 from .sampling import SamplingParams
 
 CHUNK_QUERIES = 64   # queries per resumable unit of sampling
+TIMINGS_FILE = "timings.json"   # seconds per finished unit, next to the units
 
 
 # --------------------------------------------------------------------------- bad responses
@@ -158,6 +161,7 @@ def sample_responses(cfg: RunConfig, queries: list[dict], engines=None, progress
     """Sample (or resume) one response per query per configuration; returns rows by config."""
     c = cfg.comparisons
     store = ResumableJsonl(cfg.stage_dir("comparisons") / "responses")
+    timings = _unit_timings(cfg)
     chunks = [queries[i:i + CHUNK_QUERIES] for i in range(0, len(queries), CHUNK_QUERIES)]
     by_model: dict[str, list[Configuration]] = {}
     for conf in configurations(cfg):
@@ -171,6 +175,7 @@ def sample_responses(cfg: RunConfig, queries: list[dict], engines=None, progress
             from .engines import load_engine
             engine = load_engine(cfg, model_key, progress=progress)
         for conf, i in todo:
+            t_unit = time.perf_counter()
             params = SamplingParams(max_new_tokens=c.max_new_tokens[conf.demos], temperature=c.temperature,
                                     top_p=c.top_p, stop=STOP_STRINGS, seed=_chunk_seed(cfg.seed, conf.name, i))
             prompts = [open_turn([("Human", q["query"])]) for q in chunks[i]]
@@ -178,8 +183,16 @@ def sample_responses(cfg: RunConfig, queries: list[dict], engines=None, progress
                                     desc=f"{conf.name} {i + 1}/{len(chunks)}")
             store.put(f"{conf.name}.{i:04d}", [{"query_id": q["id"], "config": conf.name, "raw": t}
                                                 for q, t in zip(chunks[i], texts)])
+            timings[f"{conf.name}.{i:04d}"] = round(time.perf_counter() - t_unit, 3)
+            write_json(store.folder / TIMINGS_FILE, timings)
         del engine
     return load_responses(cfg)
+
+
+def _unit_timings(cfg: RunConfig) -> dict[str, float]:
+    """Seconds spent sampling each finished unit, in whichever session sampled it."""
+    path = cfg.stage_dir("comparisons") / "responses" / TIMINGS_FILE
+    return read_json(path) if path.is_file() else {}
 
 
 def load_responses(cfg: RunConfig) -> dict[str, dict[int, dict]]:
@@ -215,6 +228,11 @@ def build_comparisons(cfg: RunConfig, engines=None, progress: bool = True) -> li
         pairs = filtered if c.heuristic_filter else all_pairs
         write_jsonl(out / "pairs_no_hf.jsonl", all_pairs)
         write_jsonl(out / "pairs.jsonl", pairs)
+        per_config: dict[str, float] = {}
+        for key, secs in _unit_timings(cfg).items():
+            per_config[key.rsplit(".", 1)[0]] = round(per_config.get(key.rsplit(".", 1)[0], 0.0) + secs, 3)
+        man.set_time("sampling_all_sessions", sum(per_config.values()))
+        man.count("sampling_s_per_config", per_config)
         man.count("queries", len(queries))
         man.count("responses", {k: len(v) for k, v in responses.items()})
         man.count("bad_responses", {k: sum(r["bad"] is not None for r in v.values()) for k, v in responses.items()})

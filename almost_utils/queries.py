@@ -15,6 +15,7 @@ Output ``results/<run>/queries/queries.jsonl``: ``{"id": 0, "query": "...", "rou
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 
 from rouge_score import rouge_scorer
@@ -102,7 +103,7 @@ def generate_queries(cfg: RunConfig, engine=None, progress: bool = True) -> list
                     raise RuntimeError(f"Step 0 stopped after {attempts} generations with only "
                                        f"{len(state['kept'])} of {q.num_queries} queries kept; raise "
                                        "queries.max_attempts or relax the filters")
-                rnd = state["rounds"]
+                rnd, t_round = state["rounds"], time.perf_counter()
                 pool = seeds + [k["query"] for k in state["kept"]]
                 prompts = [build_prompt(s) for s in _round_shots(pool, q.shots, cfg.seed, rnd, batch)]
                 params = SamplingParams(max_new_tokens=q.max_new_tokens, temperature=q.temperature,
@@ -117,11 +118,15 @@ def generate_queries(cfg: RunConfig, engine=None, progress: bool = True) -> list
                     elif reason is not None:
                         state["rejected"].append({"query": text, "reason": reason, "round": rnd})
                 state["rounds"] = rnd + 1
+                # Generation time summed over every session that worked on this run (a resumed
+                # run's own timer only sees its own rounds).
+                state["seconds"] = state.get("seconds", 0.0) + time.perf_counter() - t_round
                 write_json(state_path, state)
         bar.close()
         reasons: dict[str, int] = {}
         for r in state["rejected"]:
             reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+        man.set_time("generation_all_sessions", state.get("seconds", 0.0))
         man.count("seeds", len(seeds))
         man.count("generated", state["rounds"] * batch)
         man.count("kept", len(state["kept"]))

@@ -2,8 +2,8 @@ import statistics
 
 import pytest
 
-from almost_utils.artifacts import read_jsonl
-from almost_utils.comparisons import (Candidate, bad_reason, build_comparisons, build_pairs,
+from almost_utils.artifacts import read_json, read_jsonl
+from almost_utils.comparisons import (Candidate, bad_reason, build_comparisons, build_pairs, configurations,
                                       heuristic_filter_keep, judge_response, pair_down_rubric,
                                       trim_to_last_sentence)
 
@@ -139,3 +139,9 @@ def test_resume_after_interruption(tiny_cfg, echo_engine, monkeypatch):
     assert pairs == reference
     assert read_jsonl(cfg2.run_dir / "comparisons" / "pairs_no_hf.jsonl") == \
         read_jsonl(done_dir / "comparisons" / "pairs_no_hf.jsonl")
+    # sampling time is kept per unit, so the manifest counts both sessions, not just the resumed one
+    timings = read_json(cfg2.run_dir / "comparisons" / "responses" / "timings.json")
+    assert sorted(timings) == sorted(p.stem for p in (cfg2.run_dir / "comparisons" / "responses").glob("*.jsonl"))
+    manifest = read_json(cfg2.run_dir / "comparisons" / "manifest.json")
+    assert manifest["timings_s"]["sampling_all_sessions"] == pytest.approx(sum(timings.values()), abs=0.01)
+    assert set(manifest["counts"]["sampling_s_per_config"]) == {c.name for c in configurations(cfg2)}

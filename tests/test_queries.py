@@ -48,5 +48,8 @@ def test_query_generation_resumes_to_the_same_result(tiny_cfg, echo_engine):
     cfg2 = load_config(TINY, {"output_dir": str(tiny_cfg.run_dir.parent / "again")})
     with pytest.raises(KeyboardInterrupt):
         generate_queries(cfg2, echo_engine(_mined, fail_after=1), progress=False)
-    assert read_json(cfg2.run_dir / "queries" / "progress.json")["rounds"] == 1
+    first = read_json(cfg2.run_dir / "queries" / "progress.json")
+    assert first["rounds"] == 1 and first["seconds"] >= 0
     assert generate_queries(cfg2, echo_engine(_mined), progress=False) == full
+    manifest = read_json(cfg2.run_dir / "queries" / "manifest.json")
+    assert manifest["timings_s"]["generation_all_sessions"] >= first["seconds"]

@@ -12,7 +12,8 @@ from transformers.generation.logits_process import TopPLogitsWarper
 
 from almost_utils.config import ModelSpec, TinySpec
 from almost_utils.models import load_model
-from almost_utils.sampling import SamplingParams, TransformersEngine, cut_at_stop, nucleus
+from almost_utils.sampling import (SamplingParams, TransformersEngine, _use_packed, cut_at_stop, nucleus,
+                                   pack_linears)
 
 PREFIX = ("The following is a conversation between a curious human and a helpful, honest assistant. "
           "The assistant answers briefly and accurately, and says so when it does not know.\n\n-----\n\n"
@@ -129,6 +130,26 @@ def test_prefix_cache_follows_weight_changes(tiny):
     finally:
         with torch.no_grad():
             w.copy_(saved)
+
+
+def test_packed_siblings_match_separate_linears_in_any_call_order():
+    """q/k/v share one packed product; every call order still gives each module its own output."""
+    torch.manual_seed(0)
+    block = torch.nn.Module()
+    for name, out in (("q_proj", 8), ("k_proj", 4), ("v_proj", 4)):
+        setattr(block, name, torch.nn.Linear(6, out, bias=name == "k_proj"))
+    forwards = pack_linears(block)
+    if not forwards:
+        pytest.skip("oneDNN weight packing is not available in this torch build")
+    x, y = torch.randn(3, 6), torch.randn(3, 6)
+    want = {n: getattr(block, n)(x) for n in ("q_proj", "k_proj", "v_proj")}
+    with torch.inference_mode(), _use_packed(forwards):
+        for order in (["q_proj", "k_proj", "v_proj"], ["v_proj", "q_proj", "q_proj", "k_proj"]):
+            for n in order:
+                torch.testing.assert_close(getattr(block, n)(x), want[n])
+        torch.testing.assert_close(block.k_proj(y), torch.nn.functional.linear(y, block.k_proj.weight,
+                                                                                block.k_proj.bias))
+    assert "forward" not in vars(block.q_proj)   # restored after use
 
 
 # --------------------------------------------------------------------------- stopping

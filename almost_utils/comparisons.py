@@ -230,7 +230,8 @@ def build_comparisons(cfg: RunConfig, engines=None, progress: bool = True) -> li
         write_jsonl(out / "pairs.jsonl", pairs)
         per_config: dict[str, float] = {}
         for key, secs in _unit_timings(cfg).items():
-            per_config[key.rsplit(".", 1)[0]] = round(per_config.get(key.rsplit(".", 1)[0], 0.0) + secs, 3)
+            name = key.rsplit(".", 1)[0]
+            per_config[name] = round(per_config.get(name, 0.0) + secs, 3)
         man.set_time("sampling_all_sessions", sum(per_config.values()))
         man.count("sampling_s_per_config", per_config)
         man.count("queries", len(queries))

@@ -17,6 +17,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
 
+from .config import ConfigError
+
 PROVENANCE_PACKAGES = ("almost-utils", "torch", "transformers", "trl", "peft", "accelerate", "datasets",
                        "gguf", "rouge-score", "vllm", "bitsandbytes")
 
@@ -80,23 +82,40 @@ def package_versions() -> dict[str, str | None]:
 class ResumableJsonl:
     """A folder of finished work units, one JSONL file per unit, for resumable stages.
 
-    >>> store = ResumableJsonl(stage_dir / "responses")
+    >>> store = ResumableJsonl(stage_dir / "responses", fingerprint="3f1c...")
     >>> if not store.done("cfgA"):
     ...     store.put("cfgA", rows)          # atomic: all rows of the unit or none
     >>> store.get("cfgA")
+
+    With a ``fingerprint`` (see :mod:`almost_utils.fingerprint`) every row of a unit carries it,
+    and a unit written under another fingerprint is never taken for done: it stops the run, so
+    units of two recipes are never mixed in one artifact.
     """
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, fingerprint: str | None = None):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.fingerprint = fingerprint
 
     def _path(self, key: str) -> Path:
         return self.folder / f"{key}.jsonl"
 
     def done(self, key: str) -> bool:
-        return self._path(key).is_file()
+        path = self._path(key)
+        if not path.is_file():
+            return False
+        if self.fingerprint is not None:
+            with open(path) as fh:
+                first = json.loads(fh.readline() or "{}")
+            if first.get("fingerprint") != self.fingerprint:
+                raise ConfigError(f"{path}: this unit was written under fingerprint {first.get('fingerprint')}, "
+                                  f"the run's is {self.fingerprint}; units of two recipes are never mixed "
+                                  "(use a new run_name or FRESH=1)")
+        return True
 
     def put(self, key: str, rows: list[dict]) -> None:
+        if self.fingerprint is not None:
+            rows = [{**r, "fingerprint": self.fingerprint} for r in rows]
         write_jsonl(self._path(key), rows)
 
     def get(self, key: str) -> list[dict]:
@@ -118,13 +137,13 @@ class Manifest:
                 ...
     """
 
-    def __init__(self, cfg, stage: str):
+    def __init__(self, cfg, stage: str, fingerprint: str | None = None):
         self.cfg = cfg
         self.stage = stage
         self.path = cfg.stage_dir(stage) / "manifest.json"
         self.data: dict[str, Any] = {
-            "stage": stage, "run_name": cfg.run_name, "seed": cfg.seed, "config": cfg.to_dict(),
-            "versions": package_versions(), "timings_s": {}, "counts": {}, "notes": {}}
+            "stage": stage, "run_name": cfg.run_name, "fingerprint": fingerprint, "seed": cfg.seed,
+            "config": cfg.to_dict(), "versions": package_versions(), "timings_s": {}, "counts": {}, "notes": {}}
 
     def count(self, key: str, value) -> None:
         self.data["counts"][key] = value

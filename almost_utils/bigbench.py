@@ -19,7 +19,11 @@ where a multi-turn ``input`` continues with ``\\n\\nAssistant: ...\\n\\nHuman: .
 
     {"id": "harmless-0", "category": "harmless", "input": str,
      "history": [("Human", str), ("Assistant", str), ...],   # ends with a Human turn
+     "cluster": "3f2a9c0d1e4b",                               # the conversation (hash of history)
      "chosen": str, "rejected": str}
+
+Many examples reuse one conversation with other response pairs (221 pairs, 102 conversations,
+up to 15 pairs each); ``cluster`` lets evaluation resample them together.
 
 and :func:`load_truthful_qa` gives one record per question::
 
@@ -31,7 +35,7 @@ Usage::
 
     pairs = load_hhh()                      # downloads once, 221 pairs
     records = load_truthful_qa()            # 299 questions
-    pairs = load_hhh("tests/fixtures/bigbench")   # any folder laid out like the cache
+    pairs = load_hhh("data/fixtures/bigbench")    # any folder laid out like the cache
 """
 from __future__ import annotations
 
@@ -209,6 +213,11 @@ def hhh_history(text: str) -> list[Turn]:
     return [(parts[i], parts[i + 1].strip()) for i in range(1, len(parts) - 1, 2)]
 
 
+def hhh_cluster(history: list[Turn]) -> str:
+    """A short stable key of a conversation: pairs with the same turns (whitespace aside) share it."""
+    return hashlib.sha256(json.dumps([list(t) for t in history]).encode()).hexdigest()[:12]
+
+
 def parse_hhh(data: dict, category: str, source: str = "<hhh>") -> list[dict]:
     """One category's ``task.json`` (already parsed) -> pairs; raises :class:`BigBenchError` on bad data."""
     pairs = []
@@ -224,7 +233,8 @@ def parse_hhh(data: dict, category: str, source: str = "<hhh>") -> list[dict]:
                 role != ("Human", "Assistant")[j % 2] for j, (role, _) in enumerate(history)):
             raise BigBenchError(f"{where}: 'input' must alternate Human/Assistant turns and end with a Human turn")
         pairs.append({"id": f"{category}-{i}", "category": category, "input": ex["input"],
-                      "history": history, "chosen": chosen, "rejected": rejected})
+                      "history": history, "cluster": hhh_cluster(history), "chosen": chosen,
+                      "rejected": rejected})
     return pairs
 
 

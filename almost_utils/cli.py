@@ -5,8 +5,14 @@ functions directly.
     python -m almost_utils.cli queries --config data/configs/cpu.yaml --set queries.num_queries=40
     python -m almost_utils.cli comparisons --config data/configs/cpu.yaml
     python -m almost_utils.cli reward_model --config data/configs/cpu.yaml
+    python -m almost_utils.cli splits --config data/configs/cpu.yaml        # fresh queries for Steps 3+
+    python -m almost_utils.cli rmsp --config data/configs/cpu.yaml          # Step 3, RM-guided self-play
+    python -m almost_utils.cli check --config data/configs/cpu.yaml     # would a rerun reuse, resume or stop?
+    python -m almost_utils.cli queries --config data/configs/cpu.yaml --fresh   # recompute in a new folder
+    python -m almost_utils.cli reproduce --reference results/cpu --run results/cpu-fresh-1a2b3c4d
 
-Every stage validates the recipe and its input files before it loads a model.
+Every stage validates the recipe and its input files, and checks that its folder holds nothing
+computed with another recipe (see :mod:`almost_utils.fingerprint`), before it loads a model.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import sys
 import yaml
 
 from .config import ConfigError, RunConfig, load_config
+from .fingerprint import check_run, fresh_output_dir
 from .models import check_models, check_source, convert_packaged
 
 
@@ -31,12 +38,21 @@ def parse_sets(items: list[str]) -> dict:
 
 
 def setup(cfg: RunConfig) -> None:
-    """Everything a run needs offline: packaged models converted once, benchmark data cached."""
+    """Everything a run needs offline: packaged models converted once, benchmark data cached.
+
+    A recipe whose ``reward_model.hhh_dir`` names its own HHH folder (tiny: a fixture) never
+    fetches the BIG-bench archive; the folder only has to exist.
+    """
     for name, spec in cfg.models.items():
         source = spec.source.removeprefix("tiny:")
         if check_source(source, f"models.{name}.source") == "packaged":
             convert_packaged(source.removeprefix("packaged:"))
-    if cfg.reward_model is not None:
+    rm = cfg.reward_model
+    if rm is not None and rm.hhh_dir:
+        if not cfg.path(rm.hhh_dir).is_dir():
+            raise ConfigError(f"reward_model.hhh_dir: folder not found: {cfg.path(rm.hhh_dir)}")
+        print(f"HHH pairs from {cfg.path(rm.hhh_dir)} (reward_model.hhh_dir): BIG-bench not fetched", flush=True)
+    elif rm is not None:
         from .bigbench import ensure_tasks
         ensure_tasks()
 
@@ -45,6 +61,11 @@ def run_stage(stage: str, cfg: RunConfig) -> None:
     check_models(cfg)
     if stage == "setup":
         setup(cfg)
+    elif stage == "check":
+        for name, status in check_run(cfg).items():
+            print(f"{name}: {STATUS_WORDS[status]} ({cfg.run_dir / name})")
+    elif stage == "where":
+        print(cfg.run_dir)
     elif stage == "queries":
         from .queries import generate_queries
         print(f"{len(generate_queries(cfg))} queries in {cfg.run_dir / 'queries'}")
@@ -54,25 +75,62 @@ def run_stage(stage: str, cfg: RunConfig) -> None:
     elif stage == "reward_model":
         if cfg.reward_model is None:
             raise ConfigError("reward_model: section missing from the recipe")
+        from . import distributed
+        from .models import resolve_device
         from .reward_stage import run_reward_model_stage
-        run_reward_model_stage(cfg)
-        print(f"reward model and metrics in {cfg.run_dir / 'reward_model'}")
+        # under `accelerate launch`: the recipe's device picks the process group's backend (gloo / nccl)
+        distributed.init(cpu=resolve_device(cfg.device) == "cpu")
+        if run_reward_model_stage(cfg) is not None:    # None: a helper process of `accelerate launch`
+            print(f"reward model and metrics in {cfg.run_dir / 'reward_model'}")
+    elif stage == "splits":
+        from .queries import generate_splits
+        print(f"{len(generate_splits(cfg))} fresh queries in {cfg.run_dir / 'splits'}")
+    elif stage == "rmsp":
+        from .rmsp import run_rmsp
+        print(f"{len(run_rmsp(cfg))} self-play dialogues in {cfg.run_dir / 'rmsp'}")
 
 
-STAGES = ("setup", "queries", "comparisons", "reward_model")
+STATUS_WORDS = {"new": "nothing computed yet", "resume": "started with this recipe: resumes",
+                "done": "finished with this recipe: reused"}
+STAGES = ("setup", "check", "where", "queries", "comparisons", "reward_model", "splits", "rmsp")
+
+
+def load_run_config(path: str, overrides: str | None, sets: list[str], fresh: bool) -> RunConfig:
+    """The recipe with ``--overrides`` (YAML/JSON mapping) and ``--set`` applied; ``--fresh`` moves the
+    run into its own new folder (see :func:`almost_utils.fingerprint.fresh_output_dir`)."""
+    extra = dict(yaml.safe_load(overrides) or {}) if overrides else {}
+    extra.update(parse_sets(sets))
+    cfg = load_config(path, extra)
+    if fresh:
+        cfg = load_config(path, {**extra, "output_dir": fresh_output_dir(cfg)})
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m almost_utils.cli", description=__doc__.split("\n\n")[0])
-    ap.add_argument("stage", choices=STAGES)
-    ap.add_argument("--config", required=True, help="recipe YAML, e.g. data/configs/cpu.yaml")
+    ap.add_argument("stage", choices=STAGES + ("reproduce",),
+                    help="a stage; 'check' vets every stage's folder against the recipe, 'where' prints the "
+                         "run folder, 'reproduce' compares two run folders")
+    ap.add_argument("--config", help="recipe YAML, e.g. data/configs/cpu.yaml")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a recipe field, e.g. --set queries.num_queries=40")
+    ap.add_argument("--overrides", help='overrides as one YAML/JSON mapping, e.g. \'{"queries.num_queries": 40}\'')
+    ap.add_argument("--fresh", action="store_true",
+                    help="recompute the recipe from nothing in a new folder results/<run_name>-fresh-<fingerprint>")
+    ap.add_argument("--reference", help="reproduce: the reference run folder, e.g. results/cpu")
+    ap.add_argument("--run", help="reproduce: the recomputed run folder")
     args = ap.parse_args(argv)
     try:
-        cfg = load_config(args.config, parse_sets(args.set))
-        run_stage(args.stage, cfg)
-    except ConfigError as e:
+        if args.stage == "reproduce":
+            if not (args.reference and args.run):
+                ap.error("reproduce needs --reference and --run")
+            from .reproduction import write_report
+            print(write_report(args.reference, args.run))
+            return 0
+        if not args.config:
+            ap.error("--config is required")
+        run_stage(args.stage, load_run_config(args.config, args.overrides, args.set, args.fresh))
+    except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pandas as pd
 
 from .artifacts import read_json, read_jsonl, save_figure
-from .comparisons import configurations, load_responses, rubric_ranks
+from .comparisons import configurations, load_responses, pair_rows, rubric_ranks
 from .config import RunConfig
 
 
@@ -56,14 +56,38 @@ def pairs_by_type(cfg: RunConfig) -> pd.DataFrame:
         return pd.DataFrame(columns=["before filter", "after filter"])
     key = ["chosen_config", "rejected_config"]
     table = before.groupby(key).size().to_frame("before filter")
-    table["after filter"] = after.groupby(key).size() if not after.empty else 0
+    if after.empty:
+        table["after filter"] = 0
+    else:   # outer: under the authors' rule a retried link exists only after the filter
+        table = table.join(after.groupby(key).size().rename("after filter"), how="outer")
     return table.fillna(0).astype(int)
 
 
+def pairs_by_rule(cfg: RunConfig) -> pd.DataFrame:
+    """Pair counts of both pairing rules on the same responses, from the Step-1 manifest."""
+    path = cfg.run_dir / "comparisons" / "manifest.json"
+    counts = read_json(path)["counts"]
+    if "pairs_by_rule" not in counts:
+        raise KeyError(f"{path}: no 'pairs_by_rule' count; rerun build_comparisons to record both rules")
+    table = pd.DataFrame(counts["pairs_by_rule"]).T[["before_filter", "after_filter"]]
+    table.columns = ["before filter", "after filter"]
+    table.index.name = "pairing rule"
+    table["this run"] = ["yes" if rule == cfg.comparisons.pairing else "" for rule in table.index]
+    return table
+
+
 def dropped_by_filter(cfg: RunConfig) -> list[dict]:
-    out = cfg.run_dir / "comparisons"
-    kept = {(p["query_id"], p["chosen_config"]) for p in read_jsonl(out / "pairs.jsonl")}
-    return [p for p in read_jsonl(out / "pairs_no_hf.jsonl") if (p["query_id"], p["chosen_config"]) not in kept]
+    """Every combination the Heuristic Filter refused under the run's pairing rule (pair rows).
+
+    Recomputed from the responses: under the authors' rule a refused chosen response is tried
+    again and may sit in a kept pair with another rejected one, and its retries may be refused
+    too, so the two pair files alone cannot list them.
+    """
+    c = cfg.comparisons
+    if not c.heuristic_filter:
+        return []
+    queries = read_jsonl(cfg.run_dir / "queries" / "queries.jsonl")[:c.num_queries]
+    return pair_rows(queries, load_responses(cfg), rubric_ranks(cfg), c.pairing)[2]
 
 
 def plot_lengths(cfg: RunConfig, df: pd.DataFrame):

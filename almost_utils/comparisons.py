@@ -3,7 +3,8 @@
 Responses to the same query from differently prompted vanilla models are assumed to rank as
 their configurations do in the *rubric* (bigger model, more shots, better demonstrations first).
 This module samples those responses, drops bad ones, pairs the rest down the rubric and applies
-the Heuristic Filter.
+the Heuristic Filter, under one of two pairing rules (``comparisons.pairing``): ``authors``, as in
+the authors' released code (:func:`pair_authors`), or ``chain`` (:func:`pair_chain`).
 
 Outputs under ``results/<run>/comparisons/``:
 
@@ -11,7 +12,8 @@ Outputs under ``results/<run>/comparisons/``:
   written per chunk, so an interrupted run resumes without losing finished generations. The
   bad-response rules are applied when they are read (:func:`load_responses`);
   ``responses/timings.json`` keeps each unit's sampling seconds across sessions.
-* ``pairs_no_hf.jsonl`` - every pair, filter off (the ablation of Step 2 trains on it).
+* ``pairs_no_hf.jsonl`` - the pairs of the same rule with the filter off (the ablation of Step 2
+  trains on it).
 * ``pairs.jsonl`` - the pairs that survive the Heuristic Filter (or all, when it is switched off)::
 
     {"query_id": 7, "prompt": "How do I ...?", "chosen": "...", "rejected": "...",
@@ -19,6 +21,7 @@ Outputs under ``results/<run>/comparisons/``:
 """
 from __future__ import annotations
 
+import itertools
 import re
 import statistics
 import time
@@ -26,8 +29,10 @@ import zlib
 from dataclasses import dataclass
 
 from .artifacts import Manifest, ResumableJsonl, read_json, read_jsonl, write_json, write_jsonl
-from .config import Configuration, RunConfig
+from .config import ConfigError, Configuration, RunConfig
 from .dialogue import STOP_STRINGS, few_shot_prefix, load_dialogues, open_turn
+from .fingerprint import begin_stage, stage_status
+from .progress import say
 from .sampling import SamplingParams
 
 CHUNK_QUERIES = 64   # queries per resumable unit of sampling
@@ -36,7 +41,7 @@ TIMINGS_FILE = "timings.json"   # seconds per finished unit, next to the units
 
 # --------------------------------------------------------------------------- bad responses
 def bad_reason(text: str, min_chars: int = 50, require_final_punctuation: bool = True) -> str | None:
-    """Why a response is bad (METHOD.md, Step 1), or None if it is usable.
+    """Why a response is bad (docs/method.md, Step 1), or None if it is usable.
 
     >>> bad_reason("Well, it depends on many things you have not told me yet, sadly.")
     'starts with well'
@@ -82,6 +87,9 @@ def judge_response(raw: str, c) -> tuple[str, str | None]:
 
 
 # --------------------------------------------------------------------------- pairing
+PAIRING_RULES = ("authors", "chain")   # comparisons.pairing; "authors" is the default
+
+
 @dataclass
 class Candidate:
     config: str
@@ -89,8 +97,19 @@ class Candidate:
     response: str
 
 
+Link = tuple[Candidate, Candidate]     # (chosen, rejected)
+
+
+@dataclass
+class QueryPairs:
+    """The pairs of one query under one pairing rule."""
+    kept: list[Link]          # Heuristic Filter on
+    unfiltered: list[Link]    # the same rule with the filter off (the no-HF ablation)
+    dropped: list[Link]       # combinations the filter refused, in the order they were tried
+
+
 def pair_down_rubric(candidates: list[Candidate]) -> list[tuple[Candidate, Candidate]]:
-    """Pairs ``(chosen, rejected)`` for one query, going down the rubric.
+    """The chain rule's links ``(chosen, rejected)`` for one query, going down the rubric.
 
     Candidates are the *good* responses. Each one is "chosen" at most once, against the first
     response of a strictly worse rank below it, so K responses give at most K-1 pairs (a chain
@@ -117,22 +136,77 @@ def heuristic_filter_keep(chosen_len: int, rejected_len: int, lengths: list[int]
     return not (chosen_len < rejected_len and chosen_len < mean - std / 2)
 
 
-def build_pairs(queries: list[dict], responses: dict[str, dict[int, dict]],
-                ranks: dict[str, int]) -> tuple[list[dict], list[dict]]:
-    """``(all_pairs, pairs_after_heuristic_filter)`` from responses keyed by config, query id."""
-    all_pairs, kept = [], []
+def _query_filter(candidates: list[Candidate]):
+    """The Heuristic Filter of one query: M and S come from every good response to it."""
+    lengths = [len(c.response) for c in candidates]
+    return lambda chosen, rejected: heuristic_filter_keep(len(chosen.response), len(rejected.response), lengths)
+
+
+def pair_chain(candidates: list[Candidate]) -> QueryPairs:
+    """Our first rule: the links of :func:`pair_down_rubric`, then the filter; a dropped link is lost."""
+    links = pair_down_rubric(candidates)
+    keep = _query_filter(candidates)
+    return QueryPairs(kept=[link for link in links if keep(*link)], unfiltered=links,
+                      dropped=[link for link in links if not keep(*link)])
+
+
+def _walk_combinations(candidates: list[Candidate], keep) -> tuple[list[Link], list[Link]]:
+    """``(pairs, refused)`` of the authors' walk over (better, worse) combinations of one query."""
+    ordered = sorted(candidates, key=lambda c: c.rank)   # stable: rubric order within a rank
+    pairs, refused, spent_ranks = [], [], set()
+    for better, worse in itertools.combinations(ordered, 2):
+        if better.rank == worse.rank or better.rank in spent_ranks:
+            continue
+        if keep(better, worse):
+            pairs.append((better, worse))
+            spent_ranks.add(better.rank)     # a rank gives one chosen response per query
+        else:
+            refused.append((better, worse))  # the better response stays free for the next worse one
+    return pairs, refused
+
+
+def pair_authors(candidates: list[Candidate]) -> QueryPairs:
+    """The rule of the authors' released ranking code.
+
+    Walk the (better, worse) combinations best rank first, skipping ties. A kept pair spends the
+    better response's *rank* (tied configurations share it), so a query gives at most one pair
+    per rank, K-1 at most. A pair the filter drops spends nothing: its better response is tried
+    against the next worse one. With the filter off this is one pair per rank, down the rubric.
+    """
+    kept, dropped = _walk_combinations(candidates, _query_filter(candidates))
+    unfiltered, _ = _walk_combinations(candidates, lambda chosen, rejected: True)
+    return QueryPairs(kept=kept, unfiltered=unfiltered, dropped=dropped)
+
+
+PAIRING = {"authors": pair_authors, "chain": pair_chain}
+
+
+def pair_rows(queries: list[dict], responses: dict[str, dict[int, dict]], ranks: dict[str, int],
+              rule: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """``(unfiltered, kept, dropped)`` pair rows of every query under pairing ``rule``."""
+    if rule not in PAIRING:
+        raise ValueError(f"comparisons.pairing: unknown rule {rule!r} (known: {', '.join(PAIRING)})")
+    out = ([], [], [])
     for q in queries:
         cands = [Candidate(name, ranks[name], rows[q["id"]]["response"].strip())
                  for name, rows in responses.items()
                  if q["id"] in rows and rows[q["id"]]["bad"] is None]
-        lengths = [len(c.response) for c in cands]
-        for chosen, rejected in pair_down_rubric(cands):
-            row = {"query_id": q["id"], "prompt": q["query"], "chosen": chosen.response,
-                   "rejected": rejected.response, "chosen_config": chosen.config,
-                   "rejected_config": rejected.config}
-            all_pairs.append(row)
-            if heuristic_filter_keep(len(chosen.response), len(rejected.response), lengths):
-                kept.append(row)
+        found = PAIRING[rule](cands)
+        for bucket, links in zip(out, (found.unfiltered, found.kept, found.dropped)):
+            bucket.extend({"query_id": q["id"], "prompt": q["query"], "chosen": chosen.response,
+                         "rejected": rejected.response, "chosen_config": chosen.config,
+                         "rejected_config": rejected.config} for chosen, rejected in links)
+    return out
+
+
+def build_pairs(queries: list[dict], responses: dict[str, dict[int, dict]],
+                ranks: dict[str, int], rule: str = "authors") -> tuple[list[dict], list[dict]]:
+    """``(all_pairs, pairs_after_heuristic_filter)`` from responses keyed by config, query id.
+
+    ``all_pairs`` are the pairs of ``rule`` with the filter off; under the authors' rule they are
+    not a superset of the filtered pairs (a dropped link's retry exists only with the filter on).
+    """
+    all_pairs, kept, _ = pair_rows(queries, responses, ranks, rule)
     return all_pairs, kept
 
 
@@ -157,15 +231,25 @@ def _chunk_seed(seed: int, name: str, chunk: int) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode()) * 101 + chunk) % (2**63)
 
 
-def sample_responses(cfg: RunConfig, queries: list[dict], engines=None, progress: bool = True) -> dict:
-    """Sample (or resume) one response per query per configuration; returns rows by config."""
+def sample_responses(cfg: RunConfig, queries: list[dict], engines=None, progress: bool = True,
+                     fingerprint: str | None = None) -> dict:
+    """Sample (or resume) one response per query per configuration; returns rows by config.
+
+    Units (a configuration's chunk of queries) carry the stage ``fingerprint``: a unit of another
+    recipe is never taken for done.
+    """
     c = cfg.comparisons
-    store = ResumableJsonl(cfg.stage_dir("comparisons") / "responses")
+    store = ResumableJsonl(cfg.stage_dir("comparisons") / "responses", fingerprint)
     timings = _unit_timings(cfg)
     chunks = [queries[i:i + CHUNK_QUERIES] for i in range(0, len(queries), CHUNK_QUERIES)]
     by_model: dict[str, list[Configuration]] = {}
     for conf in configurations(cfg):
         by_model.setdefault(conf.model, []).append(conf)
+    n_units = len(chunks) * len(configurations(cfg))
+    n_done = sum(store.done(f"{conf.name}.{i:04d}") for conf in configurations(cfg) for i in range(len(chunks)))
+    if n_done:
+        say(f"comparisons: resuming, {n_done} of {n_units} units already sampled (recipe unchanged)")
+    t_stage, n_new = time.perf_counter(), 0
     for model_key, confs in by_model.items():
         todo = [(conf, i) for conf in confs for i in range(len(chunks)) if not store.done(f"{conf.name}.{i:04d}")]
         if not todo:
@@ -185,6 +269,10 @@ def sample_responses(cfg: RunConfig, queries: list[dict], engines=None, progress
                                                 for q, t in zip(chunks[i], texts)])
             timings[f"{conf.name}.{i:04d}"] = round(time.perf_counter() - t_unit, 3)
             write_json(store.folder / TIMINGS_FILE, timings)
+            n_done, n_new = n_done + 1, n_new + 1
+            elapsed = time.perf_counter() - t_stage
+            say(f"comparisons: {n_done}/{n_units} units sampled ({conf.name} {i + 1}/{len(chunks)}), "
+                f"{elapsed / 60:.1f} min so far, about {elapsed / n_new * (n_units - n_done) / 60:.1f} min left")
         del engine
     return load_responses(cfg)
 
@@ -215,16 +303,26 @@ def load_responses(cfg: RunConfig) -> dict[str, dict[int, dict]]:
 def build_comparisons(cfg: RunConfig, engines=None, progress: bool = True) -> list[dict]:
     """Run (or resume) Step 1 end to end and return the filtered pairs."""
     c = cfg.comparisons
+    if stage_status(cfg, "queries") != "done":
+        raise ConfigError(f"comparisons: Step 0 has not finished in {cfg.run_dir / 'queries'}: run it first "
+                          "(notebook 01, or python -m almost_utils.cli queries)")
+    status, fp = begin_stage(cfg, "comparisons")     # a recipe change stops here, before a model loads
     out = cfg.stage_dir("comparisons")
+    if status == "done":
+        pairs = read_jsonl(out / "pairs.jsonl")
+        say(f"comparisons: reusing {len(pairs)} pairs of {cfg.run_dir} (recipe unchanged)")
+        return pairs
     queries = read_jsonl(cfg.run_dir / "queries" / "queries.jsonl")
     if c.num_queries is not None:
         queries = queries[:c.num_queries]
     if not queries:
         raise ValueError("Step 1 needs queries, and queries.jsonl is empty")
-    with Manifest(cfg, "comparisons") as man:
+    with Manifest(cfg, "comparisons", fp) as man:
         with man.timer("sampling"):
-            responses = sample_responses(cfg, queries, engines, progress)
-        all_pairs, filtered = build_pairs(queries, responses, rubric_ranks(cfg))
+            responses = sample_responses(cfg, queries, engines, progress, fingerprint=fp)
+        # both rules on the same responses: the recipe's is written, the other only counted
+        by_rule = {rule: build_pairs(queries, responses, rubric_ranks(cfg), rule) for rule in PAIRING_RULES}
+        all_pairs, filtered = by_rule[c.pairing]
         pairs = filtered if c.heuristic_filter else all_pairs
         write_jsonl(out / "pairs_no_hf.jsonl", all_pairs)
         write_jsonl(out / "pairs.jsonl", pairs)
@@ -239,4 +337,6 @@ def build_comparisons(cfg: RunConfig, engines=None, progress: bool = True) -> li
         man.count("bad_responses", {k: sum(r["bad"] is not None for r in v.values()) for k, v in responses.items()})
         man.count("pairs_before_filter", len(all_pairs))
         man.count("pairs", len(pairs))
+        man.count("pairs_by_rule", {rule: {"before_filter": len(a), "after_filter": len(k)}
+                                    for rule, (a, k) in by_rule.items()})
     return pairs

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -65,7 +66,7 @@ class SamplingConfig:
 
 @dataclass
 class QueriesConfig:
-    """Step 0: self-instruct query generation (METHOD.md)."""
+    """Step 0: self-instruct query generation (docs/method.md)."""
     model: str
     seeds_file: str = "data/seed_queries.txt"
     num_queries: int = 200
@@ -107,6 +108,7 @@ class ComparisonsConfig:
     require_final_punctuation: bool = True   # drop responses not ending in . or ! (tiny: off)
     trim_to_last_sentence: bool = False      # cut an unfinished response back to its last . or !
     heuristic_filter: bool = True
+    pairing: str = "authors"                 # authors (their released ranking code) | chain (one link per response)
 
 
 @dataclass
@@ -139,16 +141,87 @@ class RewardModelConfig:
 
 
 @dataclass
+class SplitsConfig:
+    """Fresh queries for Steps 3-6, mined after Step 0 with its model, prompt and filters.
+
+    ``sizes`` names each split and its number of queries (``{"rmsp": 60, "ppo": 64, "heldout": 40}``);
+    the mined queries are assigned to the splits by a seeded shuffle (almost_utils/queries.py).
+    """
+    sizes: dict[str, int] = field(default_factory=lambda: {"rmsp": 60, "ppo": 64, "heldout": 40})
+    max_attempts: int = 4000              # give up after this many generations
+
+
+@dataclass
+class AgentSampling:
+    """How one self-play agent samples its turns."""
+    temperature: float = 1.0
+    top_p: float = 0.9
+    max_new_tokens: int = 256
+
+
+@dataclass
+class RMSPConfig:
+    """Step 3: RM-guided self-play (almost_utils/rmsp.py)."""
+    user_prompt: str = "data/prompts/user_agent.txt"   # the user agent's instructions and example dialogues
+    num_dialogues: int = 48               # the first this many queries of the ``rmsp`` split
+    candidates: int = 4                   # N: assistant replies sampled per turn; the RM keeps one
+    assistant_turns: int = 2              # assistant turns per dialogue (fewer when it ends early)
+    assistant: AgentSampling = field(default_factory=AgentSampling)
+    user: AgentSampling = field(default_factory=lambda: AgentSampling(max_new_tokens=64))
+    user_min_chars: int = 10              # a shorter follow-up ends the dialogue
+    trim_to_last_sentence: bool = False   # cut an unfinished candidate back to its last . or !
+    chunk_dialogues: int = 32             # dialogues per resumable unit (one turn of a chunk)
+    seed: Optional[int] = None            # None: the run's seed
+
+
+@dataclass
+class SFTConfig:
+    """Step 4: LoRA fine-tuning of the vanilla policy on the RMSP dialogues (almost_utils/sft.py).
+
+    One section drives both variants, ALMoST-SFT (stage ``sft``) and SFT-noRM (``sft_norm``):
+    same model, seed and settings, each on its own Step-3 file (``dialogues``).
+    """
+    model: str                            # a key of ``models``: the vanilla policy (4-bit spec = QLoRA on CUDA)
+    dialogues: dict[str, str] = field(default_factory=lambda: {
+        "sft": "dialogues.jsonl", "sft_norm": "dialogues_random.jsonl"})   # per stage: a file of results/<run>/rmsp/
+    turns_field: str = "turns"            # the field of a dialogue row holding [[role, text], ...]
+    max_dialogues: Optional[int] = None   # seeded subsample of each file (None = all)
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    epochs: int = 3
+    batch_size: int = 8                   # dialogues per device step
+    grad_accum: int = 1
+    warmup_ratio: float = 0.03
+    lr_scheduler: str = "cosine"
+    max_length: int = 512                 # tokens; longer dialogues lose leading exchanges (sft.py)
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_layers: Optional[int] = None     # LoRA on the top N decoder layers only (None = all)
+    lora_target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    gradient_checkpointing: bool = False
+    masked_logits: bool = True            # output layer only where the loss counts (same loss, less work)
+    head_chunk: int = 512                 # output-layer rows at once: bounds the logits' memory
+    save_steps: int = 20                  # optimizer steps between checkpoints (a killed run resumes there)
+    logging_steps: int = 1
+    logprob_batch_size: int = 8           # sequences per forward pass when a loaded policy scores answers
+
+
+@dataclass
 class RunConfig:
     run_name: str
-    output_dir: str
     seed: int
     models: dict[str, ModelSpec]
     queries: QueriesConfig
     comparisons: ComparisonsConfig
+    output_dir: Optional[str] = None      # None = results/<run_name>: a new run name is a new folder
     device: str = "auto"                  # auto | cpu | cuda
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     reward_model: Optional[RewardModelConfig] = None
+    splits: Optional[SplitsConfig] = None
+    rmsp: Optional[RMSPConfig] = None
+    sft: Optional[SFTConfig] = None
 
     # ---------------------------------------------------------------- helpers
     def path(self, p: str | Path) -> Path:
@@ -158,7 +231,7 @@ class RunConfig:
 
     @property
     def run_dir(self) -> Path:
-        return self.path(self.output_dir)
+        return self.path(self.output_dir or f"results/{self.run_name}")
 
     def stage_dir(self, stage: str) -> Path:
         d = self.run_dir / stage
@@ -172,6 +245,7 @@ class RunConfig:
 VALID_DEVICES = ("auto", "cpu", "cuda")
 VALID_BACKENDS = ("transformers", "vllm")
 VALID_DTYPES = ("auto", "float32", "bfloat16", "float16")
+VALID_PAIRING = ("authors", "chain")      # Step-1 pairing rules, see almost_utils/comparisons.py
 
 
 # --------------------------------------------------------------------------- parsing
@@ -263,6 +337,8 @@ def _check_positive(value, where: str, allow_zero=False):
 
 
 def _validate(cfg: RunConfig) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cfg.run_name):
+        raise ConfigError(f"run_name: use letters, digits, '.', '_' or '-' (it names a folder), got {cfg.run_name!r}")
     if cfg.device not in VALID_DEVICES:
         raise ConfigError(f"device: must be one of {VALID_DEVICES}, got {cfg.device!r}")
     if cfg.sampling.backend not in VALID_BACKENDS:
@@ -298,6 +374,8 @@ def _validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{section}.top_p: must be in (0, 1], got {sec.top_p}")
     c = cfg.comparisons
     _check_positive(c.num_queries, "comparisons.num_queries")
+    if c.pairing not in VALID_PAIRING:
+        raise ConfigError(f"comparisons.pairing: must be one of {VALID_PAIRING}, got {c.pairing!r}")
     names = set()
     n_configs = sum(len(rank) for rank in c.rubric)
     if n_configs < 2:
@@ -326,24 +404,84 @@ def _validate(cfg: RunConfig) -> None:
                     "lora_layers", "logging_steps", "eval_steps", "max_train_pairs", "score_batch_size",
                     "learning_rate"):
             _check_positive(getattr(rm, key), f"reward_model.{key}")
-        _check_positive(rm.weight_decay, "reward_model.weight_decay", allow_zero=True)
         if not 0 < rm.eval_fraction < 1:
             raise ConfigError(f"reward_model.eval_fraction: must be in (0, 1), got {rm.eval_fraction}")
-        if not 0 <= rm.warmup_ratio < 1:
-            raise ConfigError(f"reward_model.warmup_ratio: must be in [0, 1), got {rm.warmup_ratio}")
-        if not 0 <= rm.lora_dropout < 1:
-            raise ConfigError(f"reward_model.lora_dropout: must be in [0, 1), got {rm.lora_dropout}")
-        schedulers = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
-        if rm.lr_scheduler not in schedulers:
-            raise ConfigError(f"reward_model.lr_scheduler: must be one of {schedulers}, got {rm.lr_scheduler!r}")
-        if not rm.lora_target_modules:
-            raise ConfigError("reward_model.lora_target_modules: name at least one module")
-        if rm.max_length < 16:
-            raise ConfigError(f"reward_model.max_length: {rm.max_length} tokens cannot hold a dialogue; use >= 16")
-        spec = cfg.models[rm.model]
-        if spec.tiny is not None and rm.lora_layers is not None and rm.lora_layers > spec.tiny.num_layers:
-            raise ConfigError(f"reward_model.lora_layers: {rm.lora_layers} asked, but models.{rm.model} has "
-                              f"{spec.tiny.num_layers} layers")
+        _check_lora_training(cfg, rm, "reward_model")
+
+
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+
+
+def _check_lora_training(cfg: RunConfig, t, section: str) -> None:
+    """Fields every LoRA training section shares (reward_model, sft)."""
+    _check_positive(t.weight_decay, f"{section}.weight_decay", allow_zero=True)
+    if not 0 <= t.warmup_ratio < 1:
+        raise ConfigError(f"{section}.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
+    if not 0 <= t.lora_dropout < 1:
+        raise ConfigError(f"{section}.lora_dropout: must be in [0, 1), got {t.lora_dropout}")
+    if t.lr_scheduler not in SCHEDULERS:
+        raise ConfigError(f"{section}.lr_scheduler: must be one of {SCHEDULERS}, got {t.lr_scheduler!r}")
+    if not t.lora_target_modules:
+        raise ConfigError(f"{section}.lora_target_modules: name at least one module")
+    if t.max_length < 16:
+        raise ConfigError(f"{section}.max_length: {t.max_length} tokens cannot hold a dialogue; use >= 16")
+    spec = cfg.models[t.model]
+    if spec.tiny is not None and t.lora_layers is not None and t.lora_layers > spec.tiny.num_layers:
+        raise ConfigError(f"{section}.lora_layers: {t.lora_layers} asked, but models.{t.model} has "
+                          f"{spec.tiny.num_layers} layers")
+
+
+def _validate_rmsp(cfg: RunConfig) -> None:
+    """The ``splits`` and ``rmsp`` sections (Steps 3+): sizes, sampling settings, and what RMSP reads."""
+    s = cfg.splits
+    if s is not None:
+        if not s.sizes:
+            raise ConfigError("splits.sizes: name at least one split, e.g. {rmsp: 60}")
+        for name, n in s.sizes.items():
+            if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+                raise ConfigError(f"splits.sizes.{name}: use letters, digits, '_' or '-' in split names")
+            _check_positive(n, f"splits.sizes.{name}")
+        _check_positive(s.max_attempts, "splits.max_attempts")
+    r = cfg.rmsp
+    if r is None:
+        return
+    if cfg.reward_model is None:
+        raise ConfigError("rmsp: needs a reward_model section (the Step-2 RM picks the candidates)")
+    if s is None or "rmsp" not in s.sizes:
+        raise ConfigError("rmsp: needs splits.sizes.rmsp, the split of fresh queries the dialogues start from")
+    for key in ("num_dialogues", "candidates", "assistant_turns", "chunk_dialogues"):
+        _check_positive(getattr(r, key), f"rmsp.{key}")
+    _check_positive(r.user_min_chars, "rmsp.user_min_chars", allow_zero=True)
+    if r.num_dialogues > s.sizes["rmsp"]:
+        raise ConfigError(f"rmsp.num_dialogues: {r.num_dialogues} dialogues asked, but the rmsp split holds "
+                          f"{s.sizes['rmsp']} queries (splits.sizes.rmsp)")
+    for agent in ("assistant", "user"):
+        a = getattr(r, agent)
+        _check_positive(a.max_new_tokens, f"rmsp.{agent}.max_new_tokens")
+        if a.temperature < 0:
+            raise ConfigError(f"rmsp.{agent}.temperature: must be >= 0, got {a.temperature}")
+        if not 0 < a.top_p <= 1:
+            raise ConfigError(f"rmsp.{agent}.top_p: must be in (0, 1], got {a.top_p}")
+
+
+def _validate_sft(cfg: RunConfig) -> None:
+    """The ``sft`` section (Step 4): model, training numbers, and one Step-3 file per variant."""
+    t = cfg.sft
+    if t is None:
+        return
+    if t.model not in cfg.models:
+        raise ConfigError(f"sft.model: unknown model {t.model!r} (models: {', '.join(cfg.models)})")
+    if set(t.dialogues) != {"sft", "sft_norm"}:
+        raise ConfigError(f"sft.dialogues: give exactly the files for sft and sft_norm, got {sorted(t.dialogues)}")
+    for variant, name in t.dialogues.items():
+        if not name or "/" in name:
+            raise ConfigError(f"sft.dialogues.{variant}: a file name in the rmsp stage folder, got {name!r}")
+    if not t.turns_field:
+        raise ConfigError("sft.turns_field: name the field that holds the turns")
+    for key in ("max_dialogues", "learning_rate", "epochs", "batch_size", "grad_accum", "max_length", "lora_r",
+                "lora_alpha", "lora_layers", "head_chunk", "save_steps", "logging_steps", "logprob_batch_size"):
+        _check_positive(getattr(t, key), f"sft.{key}")
+    _check_lora_training(cfg, t, "sft")
 
 
 def _check_files(cfg: RunConfig) -> None:
@@ -351,6 +489,8 @@ def _check_files(cfg: RunConfig) -> None:
     files = {"queries.seeds_file": cfg.queries.seeds_file,
              "comparisons.preamble": cfg.comparisons.preamble}
     files.update({f"comparisons.demonstrations.{k}": v for k, v in cfg.comparisons.demonstrations.items()})
+    if cfg.rmsp is not None:
+        files["rmsp.user_prompt"] = cfg.rmsp.user_prompt
     for where, p in files.items():
         if not cfg.path(p).is_file():
             raise ConfigError(f"{where}: file not found: {cfg.path(p)}")
@@ -388,6 +528,8 @@ def parse_config(data: dict, check_files: bool = True) -> RunConfig:
         data["comparisons"]["rubric"] = _rubric_ranks(data["comparisons"]["rubric"], "comparisons.rubric")
     cfg = _build(RunConfig, data, "")
     _validate(cfg)
+    _validate_rmsp(cfg)
+    _validate_sft(cfg)
     if check_files:
         _check_files(cfg)
     return cfg

@@ -27,8 +27,11 @@ STOP_STRINGS = ["\n" + SEPARATOR, "\nHuman:", "\nAssistant:"]
 Turn = tuple[str, str]
 
 
-def parse_dialogues(text: str, source: str = "<text>") -> list[list[Turn]]:
-    """Parse a demonstration file into dialogues; errors name the file and dialogue."""
+def parse_dialogues(text: str, source: str = "<text>", last_role: str = "Assistant") -> list[list[Turn]]:
+    """Parse a demonstration file into dialogues; errors name the file and dialogue.
+
+    Every dialogue must end with a ``last_role`` turn (the user agent's examples end with "Human").
+    """
     blocks = [b.strip() for b in text.strip().split(f"\n{SEPARATOR}\n")]
     dialogues = []
     for i, block in enumerate(blocks):
@@ -47,8 +50,9 @@ def parse_dialogues(text: str, source: str = "<text>") -> list[list[Turn]]:
         for j, (role, _) in enumerate(turns):
             if role != ROLES[j % 2]:
                 raise ValueError(f"{source}: dialogue {i + 1}, turn {j + 1} should be {ROLES[j % 2]}, is {role}")
-        if turns[-1][0] != "Assistant":
-            raise ValueError(f"{source}: dialogue {i + 1} must end with an Assistant turn")
+        if turns[-1][0] != last_role:
+            article = "an" if last_role[0] in "AEIOU" else "a"
+            raise ValueError(f"{source}: dialogue {i + 1} must end with {article} {last_role} turn")
         dialogues.append(turns)
     return dialogues
 

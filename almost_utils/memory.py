@@ -16,10 +16,10 @@ Per stage, for one process on one GPU (models are loaded one at a time):
   head with fp32 AdamW (16 bytes per trainable parameter) + activations of ``2 x batch_size``
   sequences of ``max_length`` tokens (one saved hidden state per layer and one layer's full
   activations with gradient checkpointing; every layer's without), fp32 with 4-bit backbones.
-  Checked on an H100 against a real QLoRA run of ``almost_utils.reward.train_reward_model``
-  (random Qwen2.5 weights, every sequence 1024 tokens): peak allocated 8.4 / 20.5 GiB for
-  1.5B / 7B with 16 sequences and 13.0 GiB for 7B with 8, estimated 8.3 / 20.6 / 13.1 GiB
-  before the context and fragmentation margins.
+  Calibrated once on an H100 against a QLoRA run of ``almost_utils.reward.train_reward_model``
+  (random Qwen2.5 weights, every sequence 1024 tokens; peak allocated 8.4 / 20.5 GiB for 1.5B /
+  7B with 16 sequences, 13.0 GiB for 7B with 8). That run's log was not kept, so treat these
+  figures as unverified until ``scripts/gpu_smoke.sh`` logs a new measurement under results/.
 
 Each total adds 0.75 GiB (CUDA context) and 10% (allocator fragmentation). Estimates, not
 measurements: expect +-20%. Prompt lengths count 3.5 characters per token (conservative for
@@ -49,9 +49,8 @@ FRAGMENTATION = 0.10
 NF4_BYTES = (4 + 8 / 64 + 32 / (64 * 256)) / 8   # NF4 + double-quantised absmax, per weight
 QUERY_INSTRUCTION_CHARS = 100                      # Step 0's instruction line (queries.INSTRUCTION)
 STAGES = ("queries", "comparisons", "reward_model")
-# Measured/estimated activations of QLoRA RM training (trl RewardTrainer, 16 x 1024 tokens,
-# checkpointing; H100, random Qwen2.5-1.5B / 7B weights): 6.6 / 14.6 GiB measured vs 3.0 / 6.7 GiB
-# from the formula at 2 bytes, i.e. fp32 activations and 10% more.
+# Activations of QLoRA RM training come out near the formula at fp32 plus 10% (one unlogged H100
+# run of trl's RewardTrainer, 16 x 1024 tokens, checkpointing, random Qwen2.5-1.5B / 7B weights).
 RM_ACTIVATION_FACTOR = 1.1
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

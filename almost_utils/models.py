@@ -267,11 +267,14 @@ def quantized_device_map() -> dict | None:
     return {"": int(os.environ.get("LOCAL_RANK", 0))}
 
 
-def load_model(spec: ModelSpec, device: str = "auto", seed: int = 0, auto_class=None, **kwargs):
+def load_model(spec: ModelSpec, device: str = "auto", seed: int = 0, auto_class=None, place: bool = True,
+               **kwargs):
     """Load ``(model, tokenizer)`` for a recipe's model spec, in eval mode.
 
     ``auto_class`` defaults to ``AutoModelForCausalLM``; the reward model passes
     ``AutoModelForSequenceClassification`` (extra ``kwargs`` such as ``num_labels`` go through).
+    ``place=False`` leaves the weights where they were built (in ``device``'s dtype): under
+    ``accelerate launch`` the trainer moves them to each process's own device.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -289,7 +292,7 @@ def load_model(spec: ModelSpec, device: str = "auto", seed: int = 0, auto_class=
         model = auto_class.from_pretrained(resolve_source(spec.source), dtype=dtype, **extra, **kwargs)
     if spec.drop_layers:
         model = drop_decoder_layers(model, spec.drop_layers)
-    if not spec.load_in_4bit:
+    if place and not spec.load_in_4bit:
         model.to(device)
     model.eval()
     return model, tok

@@ -39,6 +39,9 @@ from typing import Sequence
 
 from .config import ConfigError, ModelSpec, RewardModelConfig, RunConfig
 from .dialogue import Turn, rm_text
+from .progress import bar as progress_bar
+from .progress import headless as progress_headless
+from .progress import trainer_callback
 
 META_FILE = "reward_model.json"
 PAD_CANDIDATES = ("<pad>", "<|endoftext|>", "<unk>", "<|padding|>")
@@ -115,8 +118,10 @@ class _ScalarHead:
         return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
 
 
-def load_backbone(spec: ModelSpec, device: str = "auto", seed: int = 0):
+def load_backbone(spec: ModelSpec, device: str = "auto", seed: int = 0, place: bool = True):
     """``(model, tokenizer)``: the backbone as a 1-label sequence classifier, head freshly initialised.
+
+    ``place=False``: built in ``device``'s dtype but not moved there (the trainer places it).
 
     For gemma-3 (``gemma3_text``) transformers builds ``Gemma3TextForSequenceClassification``: the
     decoder plus ``score = Linear(hidden, 1, bias=False)`` read at the last non-pad token. The
@@ -133,7 +138,7 @@ def load_backbone(spec: ModelSpec, device: str = "auto", seed: int = 0):
         suppress_seqcls_warning = contextlib.nullcontext
     torch.manual_seed(seed)
     with suppress_seqcls_warning():
-        model, tok = load_model(spec, device, seed, auto_class=_ScalarHead)
+        model, tok = load_model(spec, device, seed, auto_class=_ScalarHead, place=place)
     pad_id = ensure_reward_pad_token(tok)
     model.config.pad_token_id = pad_id
     model.config.get_text_config().pad_token_id = pad_id
@@ -144,18 +149,22 @@ def decoder_layers(model) -> int:
     return int(model.config.get_text_config().num_hidden_layers)
 
 
-def lora_config(rm: RewardModelConfig, num_layers: int):
-    """LoRA on ``rm.lora_target_modules`` of the top ``rm.lora_layers`` layers; the head trained fully."""
+def lora_config(section, num_layers: int, task: str = "SEQ_CLS", where: str = "reward_model",
+                modules_to_save: list[str] | None = ("score",)):
+    """LoRA on ``section.lora_target_modules`` of the top ``section.lora_layers`` decoder layers
+    (None: all). Shared by every LoRA training: the RM (``SEQ_CLS``, its head trained fully) and
+    SFT (``CAUSAL_LM``, no extra module)."""
     from peft import LoraConfig, TaskType
     layers = None
-    if rm.lora_layers is not None:
-        if rm.lora_layers > num_layers:
-            raise ConfigError(f"reward_model.lora_layers: {rm.lora_layers} asked, the backbone has {num_layers} layers")
-        if rm.lora_layers < num_layers:
-            layers = list(range(num_layers - rm.lora_layers, num_layers))
-    return LoraConfig(task_type=TaskType.SEQ_CLS, r=rm.lora_r, lora_alpha=rm.lora_alpha, lora_dropout=rm.lora_dropout,
-                      target_modules=list(rm.lora_target_modules), layers_to_transform=layers,
-                      layers_pattern="layers" if layers else None, modules_to_save=["score"])
+    if section.lora_layers is not None:
+        if section.lora_layers > num_layers:
+            raise ConfigError(f"{where}.lora_layers: {section.lora_layers} asked, the model has {num_layers} layers")
+        if section.lora_layers < num_layers:
+            layers = list(range(num_layers - section.lora_layers, num_layers))
+    return LoraConfig(task_type=getattr(TaskType, task), r=section.lora_r, lora_alpha=section.lora_alpha,
+                      lora_dropout=section.lora_dropout, target_modules=list(section.lora_target_modules),
+                      layers_to_transform=layers, layers_pattern="layers" if layers else None,
+                      modules_to_save=list(modules_to_save) if modules_to_save else None)
 
 
 @contextlib.contextmanager
@@ -186,6 +195,7 @@ def train_reward_model(cfg: RunConfig, train_rows: Sequence[dict], eval_rows: Se
     from peft import get_peft_model
     from trl import RewardConfig, RewardTrainer
 
+    from . import distributed
     from .models import resolve_device
 
     rm = _rm_cfg(cfg)
@@ -193,11 +203,16 @@ def train_reward_model(cfg: RunConfig, train_rows: Sequence[dict], eval_rows: Se
     device = resolve_device(cfg.device)
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    # Under `accelerate launch` every process trains (the trainer shards the batches and averages
+    # the gradients) but only the main one touches the folder; the others' trainers point into it.
+    if distributed.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    distributed.barrier()
 
     t0 = time.perf_counter()
-    model, tok = load_backbone(spec, device, cfg.seed)
+    # several processes: the trainer (its accelerator) puts the model on each process's device
+    model, tok = load_backbone(spec, device, cfg.seed, place=distributed.world_size() == 1)
     if spec.load_in_4bit and device == "cuda":
         from peft import prepare_model_for_kbit_training
         with _quiet_deprecations():
@@ -216,13 +231,21 @@ def train_reward_model(cfg: RunConfig, train_rows: Sequence[dict], eval_rows: Se
             logging_first_step=True, eval_strategy="steps" if (eval_ds is not None and rm.eval_steps) else "no",
             eval_steps=rm.eval_steps, save_strategy="no", report_to="none", seed=cfg.seed, data_seed=cfg.seed,
             use_cpu=device == "cpu", bf16=bool(bf16), fp16=False, gradient_checkpointing=rm.gradient_checkpointing,
-            max_length=None, disable_dropout=False, dataloader_num_workers=0, disable_tqdm=not progress,
+            max_length=None, disable_dropout=False, dataloader_num_workers=0,
+            disable_tqdm=not progress or progress_headless(),   # headless: our bar below, in the terminal
             train_sampling_strategy="group_by_length", length_column_name="length",
-            remove_unused_columns=False)      # keep "length" for the sampler; the collator ignores it
+            remove_unused_columns=False,      # keep "length" for the sampler; the collator ignores it
+            # DDP: every trainable weight (LoRA, the head) gets a gradient each step, so no extra graph walk
+            ddp_find_unused_parameters=False)
+    if progress and progress_headless():
+        callbacks = [*(callbacks or []), trainer_callback(f"training {folder.name}")]
     with _quiet_deprecations():
         trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds.remove_columns("truncated"),
                                 eval_dataset=eval_ds.remove_columns("truncated") if eval_ds is not None else None,
                                 processing_class=tok, callbacks=callbacks)
+        if progress_headless():       # the step bar is in the terminal; keep the log dicts out of the notebook
+            from transformers import PrinterCallback
+            trainer.remove_callback(PrinterCallback)
         result = trainer.train()
     seconds = time.perf_counter() - t0
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
@@ -234,11 +257,15 @@ def train_reward_model(cfg: RunConfig, train_rows: Sequence[dict], eval_rows: Se
         "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
         "device": device, "train_id": uuid.uuid4().hex[:16], **(extra_meta or {})}
     model.eval()
-    save_reward_model(model, tok, tmp, spec=spec, rm=rm, seed=cfg.seed, train=summary,
-                      log_history=trainer.state.log_history)
-    shutil.rmtree(tmp / "trainer", ignore_errors=True)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    if distributed.is_main():      # the weights are the same in every process after the last step
+        save_reward_model(model, tok, tmp, spec=spec, rm=rm, seed=cfg.seed, train=summary,
+                          log_history=trainer.state.log_history)
+        shutil.rmtree(tmp / "trainer", ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    distributed.barrier()          # the folder is complete before any process reads or loads it
+    if not distributed.is_main():  # one summary (one train_id) for the run: the one saved
+        summary = json.loads((folder / META_FILE).read_text())["train"]
     if return_scorer:
         return summary, RewardScorer(model, tok, rm.max_length, rm.score_batch_size, name=folder.name)
     return summary
@@ -290,8 +317,6 @@ class RewardScorer:
                     progress: bool = True) -> list[float]:
         """Scores of ready-made RM texts; batches are formed by sorted length, results in input order."""
         import torch
-        from tqdm.auto import tqdm
-
         bs = batch_size or self.batch_size
         ids = [encode(self.tokenizer, t, self.max_length) for t in texts]
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
@@ -299,8 +324,8 @@ class RewardScorer:
         pad = self.tokenizer.pad_token_id
         dev = self.device
         self.model.eval()
-        with torch.inference_mode(), tqdm(total=len(ids), desc=desc or f"scoring ({self.name})", unit="seq",
-                                          disable=not progress, leave=False) as bar:
+        with torch.inference_mode(), progress_bar(total=len(ids), desc=desc or f"scoring ({self.name})",
+                                                  unit="seq", disable=not progress, leave=False) as bar:
             for start in range(0, len(order), bs):
                 chunk = order[start:start + bs]
                 width = max(len(ids[i]) for i in chunk)

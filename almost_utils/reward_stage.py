@@ -10,7 +10,8 @@ Reads Step 1's ``results/<run>/comparisons/pairs.jsonl`` (after the Heuristic Fi
       scores/<bench>__<scorer>.jsonl   # {"id", "chosen_score", "rejected_score"} per pair; reused
       heldout_pairs.jsonl     # the held-out pairs, "hf": kept by the Heuristic Filter
       accuracy.csv            # benchmark, subset, scorer, n, accuracy, ci_low, ci_high
-      metrics.json            # accuracy rows, ablation, training summaries, data counts
+      metrics.json            # accuracy rows, ablation, training summaries, data and cluster counts
+                              # (intervals: cluster bootstrap, HHH by conversation, held-out by query)
       hhh_examples.json       # 3 HHH pairs the RM gets right, 3 it gets wrong (largest margins)
       training_log.json       # {variant: trainer log rows}
       figures/*.png
@@ -34,6 +35,8 @@ from pathlib import Path
 
 from .artifacts import Manifest, ResumableJsonl, atomic_write_text, read_json, read_jsonl, write_json, write_jsonl
 from .config import ConfigError, RunConfig
+from .fingerprint import begin_stage, stage_status
+from .progress import say
 
 STAGE = "reward_model"
 PAIR_FIELDS = ("query_id", "prompt", "chosen", "rejected")
@@ -42,6 +45,9 @@ VARIANTS = {"rm": "pairs.jsonl", "rm_no_hf": "pairs_no_hf.jsonl"}
 TRAINING_FIELDS = ("model", "learning_rate", "weight_decay", "epochs", "batch_size", "grad_accum", "warmup_ratio",
                    "lr_scheduler", "max_length", "lora_r", "lora_alpha", "lora_dropout", "gradient_checkpointing",
                    "lora_layers", "lora_target_modules", "max_train_pairs")
+# what a benchmark's pairs are resampled by in the bootstrap: pairs sharing a conversation (HHH) or a
+# query (held-out synthetic pairs) are not independent, so they enter and leave a resample together
+CLUSTER_KEYS = {"heldout": "query_id", "heldout_no_hf": "query_id", "hhh": "cluster"}
 
 
 # --------------------------------------------------------------------------- data
@@ -81,6 +87,15 @@ def split_queries(query_ids, eval_fraction: float, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(ids, k))
 
 
+def clusters_of(benchmark: str, rows: list[dict]) -> list:
+    """Each pair's cluster key (see ``CLUSTER_KEYS``), aligned with ``rows``."""
+    key = CLUSTER_KEYS[benchmark]
+    for r in rows:
+        if key not in r:
+            raise KeyError(f"{benchmark}: pair {r.get('id')} lacks '{key}', the key its bootstrap clusters by")
+    return [r[key] for r in rows]
+
+
 def _key(row) -> tuple:
     return row["query_id"], row["chosen"], row["rejected"]
 
@@ -106,7 +121,7 @@ def training_rows(rows: list[dict], eval_q: set, cap: int | None, seed: int) -> 
     return train
 
 
-def fingerprint(cfg: RunConfig, train_rows: list[dict]) -> str:
+def training_fingerprint(cfg: RunConfig, train_rows: list[dict]) -> str:
     """What determines a trained RM: backbone, seed, training fields and the exact training pairs."""
     rm = cfg.reward_model
     blob = {"base": asdict(cfg.models[rm.model]), "seed": cfg.seed, "device": cfg.device,
@@ -148,12 +163,19 @@ class _Lazy:
 
 
 # --------------------------------------------------------------------------- the stage
-def run_reward_model_stage(cfg: RunConfig, progress: bool = True) -> dict:
+def run_reward_model_stage(cfg: RunConfig, progress: bool = True) -> dict | None:
     """Train (or reuse) the RMs, score every benchmark, write metrics, figures and the manifest.
 
     Returns ``metrics.json``'s content. Reruns reuse finished RMs and stored scores.
+
+    Under ``accelerate launch`` (N processes) every process trains, the main one alone writes
+    files, and scoring, metrics and figures run on the main process only: scoring is inference
+    over a few hundred pairs, where sharding plus a gather would buy little. The other processes
+    return ``None`` once the RMs are saved.
     """
-    from . import rm_eval, rm_figures
+    import contextlib
+
+    from . import distributed, rm_eval, rm_figures
     from .bigbench import load_hhh
     from .reward import RewardScorer, load_reward_model, train_reward_model
 
@@ -165,16 +187,27 @@ def run_reward_model_stage(cfg: RunConfig, progress: bool = True) -> dict:
     if hhh_root is not None and not hhh_root.is_dir():
         raise ConfigError(f"reward_model.hhh_dir: folder not found: {hhh_root}")
     nboot, seed = rm.bootstrap_samples, cfg.seed
+    if stage_status(cfg, "comparisons") != "done":
+        raise ConfigError(f"reward_model: Step 1 has not finished in {cfg.run_dir / 'comparisons'}: run it first "
+                          "(notebook 01, or python -m almost_utils.cli comparisons)")
+    with distributed.main_first():      # the main process claims the folder; the others find it claimed
+        status, stage_fp = begin_stage(cfg, STAGE)  # a recipe change stops here, before a model loads
+    if status == "done":
+        say(f"reward_model: reusing the reward models' metrics of {cfg.run_dir} (recipe unchanged)")
+        return read_json(stage / "metrics.json")
 
-    with Manifest(cfg, STAGE) as man:
+    manifest = Manifest(cfg, STAGE, stage_fp)   # written on leaving the block: by the main process only
+    with (manifest if distributed.is_main() else contextlib.nullcontext(manifest)) as man:
         data = load_step1_pairs(cfg)
         all_q = {r["query_id"] for rows in data.values() for r in rows}
         eval_q = set(split_queries(all_q, rm.eval_fraction, seed))
-        write_json(stage / "split.json", {"eval_query_ids": sorted(eval_q), "queries": len(all_q),
-                                          "eval_fraction": rm.eval_fraction, "seed": seed})
+        if distributed.is_main():
+            write_json(stage / "split.json", {"eval_query_ids": sorted(eval_q), "queries": len(all_q),
+                                              "eval_fraction": rm.eval_fraction, "seed": seed})
         held = heldout_rows(data, eval_q)
         held_hf = [r for r in held if r["hf"]]
-        write_jsonl(stage / "heldout_pairs.jsonl", held)
+        if distributed.is_main():
+            write_jsonl(stage / "heldout_pairs.jsonl", held)
         for v, rows in data.items():
             man.count(f"pairs_{v}", len(rows))
         man.count("queries", len(all_q))
@@ -188,16 +221,19 @@ def run_reward_model_stage(cfg: RunConfig, progress: bool = True) -> dict:
             train = training_rows(rows, eval_q, rm.max_train_pairs, seed)
             if not train:
                 raise ValueError(f"{v}: no training pairs left after holding out {len(eval_q)} queries")
-            fp = fingerprint(cfg, train)
+            fp = training_fingerprint(cfg, train)
             meta = _meta(stage / v)
             same = next((u for u, f in trained_fp.items() if f == fp), None)
+            distributed.barrier()       # every process decided from the same files before the main one changes them
             if meta is not None and meta["train"].get("fingerprint") == fp:
-                print(f"{v}: reusing the trained reward model in {stage / v}", flush=True)
+                say(f"{v}: reusing the trained reward model in {stage / v}")
             elif same is not None:      # the filter dropped no training pair: the same model, not trained twice
-                print(f"{v}: same training pairs as {same}: copying {stage / same}", flush=True)
-                shutil.rmtree(stage / v, ignore_errors=True)
-                shutil.copytree(stage / same, stage / f".{v}.tmp", dirs_exist_ok=True)
-                os.replace(stage / f".{v}.tmp", stage / v)
+                say(f"{v}: same training pairs as {same}: copying {stage / same}")
+                if distributed.is_main():
+                    shutil.rmtree(stage / v, ignore_errors=True)
+                    shutil.copytree(stage / same, stage / f".{v}.tmp", dirs_exist_ok=True)
+                    os.replace(stage / f".{v}.tmp", stage / v)
+                distributed.barrier()   # the others read the copy below
                 meta = _meta(stage / v)
             else:
                 if meta is not None:
@@ -211,6 +247,10 @@ def run_reward_model_stage(cfg: RunConfig, progress: bool = True) -> dict:
             trained_fp[v] = fp
             man.count(f"train_pairs_{v}", len(train))
             gc.collect()
+        man.note("world_size", distributed.world_size())
+        man.note("process_backend", distributed.backend())
+        if not distributed.is_main():   # trained and saved: scoring is the main process's (see above)
+            return None
         write_json(stage / "training_log.json",
                    {v: read_json(stage / v / "log_history.json") for v in data})
 
@@ -218,7 +258,7 @@ def run_reward_model_stage(cfg: RunConfig, progress: bool = True) -> dict:
         hhh = load_hhh(hhh_root) if hhh_root is not None else load_hhh()
         man.count("hhh_pairs", len(hhh))
         benches = {"heldout": held, "hhh": hhh}
-        store = ResumableJsonl(stage / "scores")
+        store = ResumableJsonl(stage / "scores", stage_fp)
         scores = {b: {} for b in benches}
         device = cfg.device
         scorers = {v: (training[v]["train_id"], _Lazy(lambda v=v: load_reward_model(
@@ -238,18 +278,25 @@ def run_reward_model_stage(cfg: RunConfig, progress: bool = True) -> dict:
             lazy.obj = None
             gc.collect()
 
-        # ---- metrics
+        # ---- metrics (every interval: cluster bootstrap, HHH by conversation, held-out pairs by query)
         sub = lambda pair, idx: ([pair[0][i] for i in idx], [pair[1][i] for i in idx])  # noqa: E731
         hf_idx = [i for i, r in enumerate(held) if r["hf"]]
         acc = rm_eval.accuracy_rows("heldout", held_hf, {k: sub(s, hf_idx) for k, s in scores["heldout"].items()},
-                                    n_samples=nboot, seed=seed)
+                                    n_samples=nboot, seed=seed, clusters=clusters_of("heldout", held_hf))
         if len(held_hf) < len(held):
-            acc += rm_eval.accuracy_rows("heldout_no_hf", held, scores["heldout"], n_samples=nboot, seed=seed)
-        acc += rm_eval.accuracy_rows("hhh", hhh, scores["hhh"], group_key="category", n_samples=nboot, seed=seed)
+            acc += rm_eval.accuracy_rows("heldout_no_hf", held, scores["heldout"], n_samples=nboot, seed=seed,
+                                         clusters=clusters_of("heldout_no_hf", held))
+        acc += rm_eval.accuracy_rows("hhh", hhh, scores["hhh"], group_key="category", n_samples=nboot, seed=seed,
+                                     clusters=clusters_of("hhh", hhh))
+        n_clusters = {b: len(set(clusters_of(b, rows)))
+                      for b, rows in (("heldout", held_hf), ("heldout_no_hf", held), ("hhh", hhh))}
         metrics = {"accuracy": acc, "training": training,
                    "ablation": _ablation(acc, scores, hhh, training, nboot, seed),
                    "paired": _paired(scores, rows={"heldout": held, "hhh": hhh}, nboot=nboot, seed=seed),
-                   "data": {**man.data["counts"], "eval_query_ids": sorted(eval_q)},
+                   "data": {**man.data["counts"], "eval_query_ids": sorted(eval_q), "clusters": n_clusters},
+                   "intervals": {"method": "95% percentile cluster bootstrap (paired for differences)",
+                                 "resamples": nboot, "cluster_by": CLUSTER_KEYS,
+                                 "random": "binomial: a coin flips independently for every pair"},
                    "rm_dialogue_format": "\\n\\nHuman: {prompt}\\n\\nAssistant: {response}<eos>, scored at <eos>"}
         write_json(stage / "metrics.json", metrics)
         _write_csv(stage / "accuracy.csv", acc)
@@ -261,7 +308,7 @@ def run_reward_model_stage(cfg: RunConfig, progress: bool = True) -> dict:
         # ---- figures
         with man.timer("figures"):
             import matplotlib.pyplot as plt
-            for name, fig in rm_figures.make_figures(stage).items():
+            for name, fig in rm_figures.make_figures(load_results(stage)).items():
                 plt.close(fig)
         man.note("training_seconds", {v: t.get("seconds") for v, t in training.items()})
         man.note("reused_models", [v for v in data if f"train_{v}" not in man.data["timings_s"]])
@@ -276,18 +323,18 @@ def _ablation(acc, scores, hhh, training, nboot, seed) -> dict:
         row = {"variant": v, "train_pairs": training[v]["train_pairs"]}
         for a in acc:
             if a["scorer"] == v and a["subset"] == "all":
-                row[a["benchmark"]] = {k: a[k] for k in ("n", "accuracy", "ci_low", "ci_high")}
+                row[a["benchmark"]] = {k: a[k] for k in ("n", "clusters", "accuracy", "ci_low", "ci_high") if k in a}
         table.append(row)
     out = {"table": table}
     if "rm_no_hf" in training:
         ca = rm_eval.pair_correct(*scores["hhh"]["rm"])
         cb = rm_eval.pair_correct(*scores["hhh"]["rm_no_hf"])
-        out["hhh_rm_minus_rm_no_hf"] = rm_eval.paired_difference(ca, cb, nboot, seed)
+        out["hhh_rm_minus_rm_no_hf"] = rm_eval.paired_difference(ca, cb, nboot, seed, clusters=clusters_of("hhh", hhh))
     return out
 
 
 def _paired(scores, rows, nboot, seed) -> dict:
-    """Each trained RM minus each baseline (longer, untrained), paired bootstrap, per benchmark."""
+    """Each trained RM minus each baseline (longer, untrained), paired cluster bootstrap, per benchmark."""
     from . import rm_eval
     out = {}
     for b, by_scorer in scores.items():
@@ -295,7 +342,9 @@ def _paired(scores, rows, nboot, seed) -> dict:
         base["longer"] = rm_eval.longer_scores(rows[b])
         idx = [i for i, r in enumerate(rows[b]) if r.get("hf", True)]      # held-out: the HF pairs
         correct = {k: rm_eval.pair_correct(*v)[idx] for k, v in base.items()}
-        out[b] = {f"{v}_minus_{c}": rm_eval.paired_difference(correct[v], correct[c], nboot, seed)
+        keys = clusters_of(b, rows[b])
+        clusters = [keys[i] for i in idx]
+        out[b] = {f"{v}_minus_{c}": rm_eval.paired_difference(correct[v], correct[c], nboot, seed, clusters=clusters)
                   for v in ("rm", "rm_no_hf") if v in correct for c in ("longer", "untrained")}
     return out
 
@@ -303,7 +352,7 @@ def _paired(scores, rows, nboot, seed) -> dict:
 def _score_table(rows, scores) -> list[dict]:
     out = []
     for i, r in enumerate(rows):
-        row = {k: r[k] for k in ("id", "category", "query_id", "hf") if k in r}
+        row = {k: r[k] for k in ("id", "category", "cluster", "query_id", "hf") if k in r}
         row["chosen_chars"], row["rejected_chars"] = len(r["chosen"]), len(r["rejected"])
         for name, (c, rj) in scores.items():
             row[f"{name}_chosen"], row[f"{name}_rejected"] = c[i], rj[i]

@@ -1,7 +1,8 @@
 """Figures of the reward-model stage; each function returns a matplotlib figure.
 
-:func:`make_figures` draws all of them from ``results/<run>/reward_model/`` and saves them to
-its ``figures/`` folder (PNG, atomically).
+:func:`make_figures` draws all of them from what ``reward_stage.load_results`` reads back and
+saves them to the stage's ``figures/`` folder (PNG, atomically). This module never imports
+``reward_stage``: the stage imports us, and the data comes in as an argument.
 """
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ SCORER_COLORS = {"rm": "tab:blue", "rm_no_hf": "tab:orange", "untrained": "tab:g
                  "random": "lightgray"}
 BENCH_LABELS = {"heldout": "held-out synthetic (HF)", "heldout_no_hf": "held-out synthetic (all)",
                 "hhh": "BIG-bench HHH"}
+# titles of the accuracy figures, shared by make_figures and notebook 02
+TITLES = {"hhh": "BIG-bench HHH: pair accuracy per category\n(95% cluster bootstrap by conversation)",
+          "heldout": "Held-out synthetic pairs: pair accuracy\n(95% cluster bootstrap by query)"}
 
 
 def _ema(x, alpha: float = 0.3) -> np.ndarray:
@@ -89,7 +93,7 @@ def reward_distributions(heldout_scores: list[dict], hhh_scores: list[dict], sco
 
 def accuracy_bars(accuracy: list[dict], benchmarks=("hhh",),
                   scorers=("rm", "rm_no_hf", "untrained", "longer", "random"), title: str | None = None):
-    """Grouped bars: accuracy per (benchmark, subset) for each scorer, with 95% bootstrap intervals."""
+    """Grouped bars: accuracy per (benchmark, subset) for each scorer, with 95% cluster-bootstrap intervals."""
     import matplotlib.pyplot as plt
     groups = []
     for b in benchmarks:
@@ -111,13 +115,18 @@ def accuracy_bars(accuracy: list[dict], benchmarks=("hhh",),
             hi.append(a["ci_high"] - a["accuracy"])
         ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, color=SCORER_COLORS.get(s), label=SCORER_LABELS.get(s, s),
                error_kw={"elinewidth": 0.8, "ecolor": "0.25"})
-    n = {g: index[(*g, "longer")]["n"] for g in groups}
+    def size(g):         # pairs, and the clusters the interval resampled (rows of older runs lack them)
+        a = index[(*g, "longer")]
+        k = a.get("clusters")
+        return f"n={a['n']}" + ("" if k is None else f", {k} cluster" + "s" * (k != 1))
     ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels([(f"{BENCH_LABELS.get(b, b)}\n" if len(benchmarks) > 1 else "") + f"{s} (n={n[(b, s)]})"
+    ax.set_xticklabels([(f"{BENCH_LABELS.get(b, b)}\n" if len(benchmarks) > 1 else "") + f"{s}\n({size((b, s))})"
                         for b, s in groups], fontsize=8)
     ax.axhline(0.5, color="k", ls=":", lw=1)
-    ax.set(ylabel="pairs ranked right", ylim=(0, 1), title=title or "Pair accuracy (95% bootstrap intervals)")
-    ax.legend(fontsize=8, ncol=min(5, len(scorers)), loc="upper center", bbox_to_anchor=(0.5, -0.18))
+    ax.set(ylabel="pairs ranked right", ylim=(0, 1), title=title or "Pair accuracy (95% cluster-bootstrap intervals)")
+    label_lines = 3 if len(benchmarks) > 1 else 2           # keep the legend below the tick labels
+    ax.legend(fontsize=8, ncol=min(5, len(scorers)), loc="upper center",
+              bbox_to_anchor=(0.5, -0.06 - 0.07 * label_lines))
     fig.tight_layout()
     return fig
 
@@ -128,19 +137,22 @@ def final_heldout(metrics: dict) -> dict[str, float]:
             if a["benchmark"] == "heldout" and a["subset"] == "all" and a["scorer"] in metrics["training"]}
 
 
-def make_figures(stage_dir: str | Path) -> dict:
-    """Draw and save every figure of the stage; returns ``{name: figure}``."""
+def make_figures(results: dict) -> dict:
+    """Draw every figure of the stage and save it under ``results["stage_dir"]/figures``.
+
+    ``results`` is what ``reward_stage.load_results`` returns; returns ``{name: figure}``.
+    """
     from .artifacts import save_figure
-    from .reward_stage import load_results
-    res = load_results(Path(stage_dir))
-    acc = res["metrics"]["accuracy"]
+    missing = [k for k in ("metrics", "training_log", "heldout_scores", "hhh_scores", "stage_dir") if k not in results]
+    if missing:
+        raise KeyError(f"make_figures: results lack {missing} (pass reward_stage.load_results(...))")
+    acc = results["metrics"]["accuracy"]
     figs = {
-        "training_curves": training_curves(res["training_log"], final_heldout(res["metrics"])),
-        "reward_distributions": reward_distributions(res["heldout_scores"], res["hhh_scores"]),
-        "hhh_accuracy": accuracy_bars(acc, ("hhh",), title="BIG-bench HHH: pair accuracy per category (95% CI)"),
-        "heldout_accuracy": accuracy_bars(acc, ("heldout", "heldout_no_hf"),
-                                          title="Held-out synthetic pairs: pair accuracy (95% CI)"),
+        "training_curves": training_curves(results["training_log"], final_heldout(results["metrics"])),
+        "reward_distributions": reward_distributions(results["heldout_scores"], results["hhh_scores"]),
+        "hhh_accuracy": accuracy_bars(acc, ("hhh",), title=TITLES["hhh"]),
+        "heldout_accuracy": accuracy_bars(acc, ("heldout", "heldout_no_hf"), title=TITLES["heldout"]),
     }
     for name, fig in figs.items():
-        save_figure(fig, res["stage_dir"] / "figures" / f"{name}.png")
+        save_figure(fig, Path(results["stage_dir"]) / "figures" / f"{name}.png")
     return figs

@@ -1,13 +1,14 @@
 """Tables and sentences for notebook 02, computed from ``metrics.json`` (never typed in by hand).
 
 Every function takes the stage's metrics (see :mod:`almost_utils.reward_stage`) and returns a
-pandas DataFrame or a Markdown string.
+pandas DataFrame or a Markdown string. Intervals are 95% cluster-bootstrap ones (by conversation
+for HHH, by query for the held-out synthetic pairs), so the text names the number of clusters.
 """
 from __future__ import annotations
 
 from .rm_figures import BENCH_LABELS, SCORER_LABELS
 
-PAPER = {  # METHOD.md, Step 2
+PAPER = {  # docs/method.md, Step 2
     "backbone": "LLaMA-7B (policy family)", "tuning": "full fine-tuning", "learning_rate": 2e-5,
     "weight_decay": 0.1, "epochs": 1, "pairs_per_step": 128, "lr_scheduler": "cosine", "warmup_ratio": 0.03,
     "max_length": 1024, "precision": "bf16"}
@@ -15,6 +16,12 @@ PAPER = {  # METHOD.md, Step 2
 
 def _fmt(a: dict) -> str:
     return f"{a['accuracy']:.0%} [{a['ci_low']:.0%}, {a['ci_high']:.0%}]"
+
+
+def _size(a: dict, unit: str) -> str:
+    """``221 pairs from 102 conversations``: the clusters are what the interval resampled."""
+    k = a.get("clusters")
+    return f"{a['n']} pairs" + (f" from {k} {unit}" if k is not None else "")
 
 
 def settings_table(cfg):
@@ -40,9 +47,14 @@ def accuracy_table(metrics: dict, benchmark: str):
     scorers = [s for s in SCORER_LABELS if any(a["scorer"] == s for a in rows)]
     index = {(a["subset"], a["scorer"]): a for a in rows}
     table = pd.DataFrame([{SCORER_LABELS[s]: _fmt(index[(sub, s)]) for s in scorers if (sub, s) in index}
-                          for sub in subsets], index=[f"{s} (n={index[(s, 'longer')]['n']})" for s in subsets])
+                          for sub in subsets], index=[_index_label(s, index[(s, "longer")]) for s in subsets])
     table.index.name = BENCH_LABELS.get(benchmark, benchmark)
     return table
+
+
+def _index_label(subset: str, a: dict) -> str:
+    k = a.get("clusters")
+    return f"{subset} (n={a['n']}" + (")" if k is None else f", {k} cluster" + "s" * (k != 1) + ")")
 
 
 def ablation_table(metrics: dict):
@@ -88,29 +100,38 @@ def findings(metrics: dict) -> str:
     lines = []
     held, hhh = _get(metrics, "heldout", "all", "rm"), _get(metrics, "hhh", "all", "rm")
     if held:
-        lines.append(f"- **Held-out synthetic pairs:** the RM ranks {_fmt(held)} of {held['n']} pairs right "
+        lines.append(f"- **Held-out synthetic pairs:** the RM ranks {_fmt(held)} of {_size(held, 'queries')} right "
                      f"({_vs_chance(held)}); the longer-response rule gets "
                      f"{_fmt(_get(metrics, 'heldout', 'all', 'longer'))}, the untrained head "
                      f"{_fmt(_get(metrics, 'heldout', 'all', 'untrained'))}.")
     if hhh:
-        lines.append(f"- **BIG-bench HHH (human labels):** the RM ranks {_fmt(hhh)} of {hhh['n']} pairs right "
-                     f"({_vs_chance(hhh)}); longer response {_fmt(_get(metrics, 'hhh', 'all', 'longer'))}, "
+        lines.append(f"- **BIG-bench HHH (human labels):** the RM ranks {_fmt(hhh)} of "
+                     f"{_size(hhh, 'conversations')} right ({_vs_chance(hhh)}); "
+                     f"longer response {_fmt(_get(metrics, 'hhh', 'all', 'longer'))}, "
                      f"untrained head {_fmt(_get(metrics, 'hhh', 'all', 'untrained'))}.")
         for c, what in (("longer", "the longer-response rule"), ("untrained", "the untrained head")):
             d = metrics.get("paired", {}).get("hhh", {}).get(f"rm_minus_{c}")
             if d:
-                lines.append(f"  - RM minus {what}: {_diff(d)} (paired bootstrap): {_verdict(d, what)}.")
+                lines.append(f"  - RM minus {what}: {_diff(d)} (paired cluster bootstrap by conversation): "
+                             f"{_verdict(d, what)}.")
         cats = [a for a in metrics["accuracy"] if a["benchmark"] == "hhh" and a["scorer"] == "rm"
                 and a["subset"] != "all"]
         if cats:
             best, worst = max(cats, key=lambda a: a["accuracy"]), min(cats, key=lambda a: a["accuracy"])
             lines.append(f"- Per category the RM does best on *{best['subset']}* ({_fmt(best)}) and worst on "
                          f"*{worst['subset']}* ({_fmt(worst)}); with {min(a['n'] for a in cats)}-"
-                         f"{max(a['n'] for a in cats)} pairs per category the intervals are wide.")
+                         f"{max(a['n'] for a in cats)} pairs per category{_cluster_range(cats)} the intervals "
+                         f"are wide.")
     ablation = ablation_finding(metrics)
     if ablation:
         lines.append(f"- **Ablation:** {ablation}")
     return "\n".join(lines)
+
+
+def _cluster_range(rows: list[dict]) -> str:
+    """`` from 19-36 conversations``, or nothing for rows without cluster counts."""
+    ks = [a["clusters"] for a in rows if "clusters" in a]
+    return f" from {min(ks)}-{max(ks)} conversations" if len(ks) == len(rows) else ""
 
 
 def ablation_finding(metrics: dict) -> str:
@@ -126,7 +147,9 @@ def ablation_finding(metrics: dict) -> str:
     else:
         verdict = "we **cannot tell** the two RMs apart on HHH at this size"
     sizes = {r["variant"]: r["train_pairs"] for r in metrics["ablation"]["table"]}
-    return (f"HHH accuracy with the filter minus without it = {d} (paired bootstrap, 95%): {verdict}. "
+    convs = f", {diff['clusters']} conversations" if "clusters" in diff else ""
+    return (f"HHH accuracy with the filter minus without it = {d} (paired cluster bootstrap by conversation, "
+            f"95%{convs}): {verdict}. "
             f"Training pairs: {sizes.get('rm')} with the filter, {sizes.get('rm_no_hf')} without.")
 
 

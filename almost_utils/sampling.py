@@ -35,8 +35,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
 from transformers import AttentionInterface, PreTrainedConfig
+
+from .progress import bar as progress_bar
 
 ATTENTION_NAME = "almost_shared_prefix"
 FIRST_CUT = 8.0         # nats below the best logit: the first guess at the nucleus' candidates
@@ -412,7 +413,7 @@ class TransformersEngine:
         prefix_ids, queries = self._tokenize(prompts, prefix)
         order = sorted(range(len(queries)), key=lambda i: -len(queries[i]))  # similar lengths batch together
         out: list[list[int] | None] = [None] * len(queries)
-        bar = tqdm(total=len(queries), desc=desc or "sampling", unit="prompt", disable=not self.progress)
+        bar = progress_bar(total=len(queries), desc=desc or "sampling", unit="prompt", disable=not self.progress)
         n_tokens, t_start = 0, time.perf_counter()
         with _threads(self.threads), torch.inference_mode(), _attention(self.model, ATTENTION_NAME), \
                 _use_packed(self._packed()):

@@ -6,9 +6,9 @@
 #       extension: .py
 #       format_name: percent
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python (almost)
 #     language: python
-#     name: python3
+#     name: almost
 # ---
 
 # %% [markdown]
@@ -58,6 +58,7 @@ from almost_utils import comparison_report as report
 from almost_utils.artifacts import read_json, read_jsonl
 from almost_utils.comparisons import build_comparisons, configurations, prompt_prefix
 from almost_utils.config import load_config
+from almost_utils.fingerprint import check_run
 from almost_utils.models import check_models
 from almost_utils.queries import generate_queries
 
@@ -65,6 +66,8 @@ pd.set_option("display.max_colwidth", 200)
 cfg = load_config(config_path, overrides)
 check_models(cfg)        # fail fast, before any model loads
 print(f"run '{cfg.run_name}' -> {cfg.run_dir}  (seed {cfg.seed})")
+# Outputs of another recipe in this run's folder stop the notebook here, naming what changed.
+print("stages:", check_run(cfg))
 
 # %% [markdown]
 # ## The rubric of this run
@@ -152,13 +155,24 @@ fig = report.plot_bad_rates(cfg, bad)
 
 # %% [markdown]
 # ## Pairs, and the Heuristic Filter
-# Going down the rubric, each configuration's answer is "chosen" at most once per query, against
-# the next answer of a strictly worse rank, so K good answers give at most K-1 pairs. The
-# Heuristic Filter then drops a pair when the chosen answer is shorter than the rejected one
+# The **Heuristic Filter** refuses a pair when the chosen answer is shorter than the rejected one
 # **and** shorter than M - S/2 (M, S: mean and population standard deviation of the lengths of
-# that query's good answers).
+# all of that query's good answers). Tied configurations are never paired with each other. How
+# the filter meets the pairing depends on `comparisons.pairing`:
+#
+# * **authors** (default, as in the authors' released code): walk the (better, worse) answers best
+#   rank first. A kept pair uses up the better answer's *rank* - tied configurations share one -
+#   so each rank gives at most one chosen answer per query. A refused pair uses up nothing: the
+#   better answer is tried against the next worse one.
+# * **chain** (our first reading of the paper): each answer is chosen once, against the first
+#   answer of a worse rank; the filter runs afterwards and a refused pair is simply lost.
+#
+# Either way K good answers give at most K-1 pairs. `pairs_no_hf.jsonl` (the ablation of
+# notebook 02) holds the pairs of the same rule with the filter off. Both rules are counted on
+# the same answers; this run trains on the one marked below.
 
 # %%
+display(report.pairs_by_rule(cfg))
 display(report.pair_funnel(cfg))
 display(report.pairs_by_type(cfg))
 

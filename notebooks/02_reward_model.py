@@ -6,9 +6,9 @@
 #       extension: .py
 #       format_name: percent
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python (almost)
 #     language: python
-#     name: python3
+#     name: almost
 # ---
 
 # %% [markdown]
@@ -35,8 +35,12 @@
 #    people, in four categories: harmless, helpful, honest, other)
 # 3. Does the **Heuristic Filter** of Step 1 matter? (the same RM trained on the unfiltered pairs)
 #
-# Each accuracy comes with a 95% bootstrap interval, and with baselines on the same pairs: a coin
-# (50%), "always prefer the longer response", and the RM before training (backbone + fresh head).
+# Each accuracy comes with a 95% **cluster bootstrap** interval (by conversation / query), and with
+# baselines on the same pairs: a coin (50%), "always prefer the longer response", and the RM
+# before training (backbone + fresh head). Pairs are not independent: the 221 HHH pairs come from
+# about 100 conversations (one conversation gives up to 15 pairs) and the held-out synthetic pairs
+# from a handful of queries, so the bootstrap resamples whole conversations (HHH) or queries
+# (held-out), not single pairs; resampling pairs would give intervals that are too narrow.
 
 # %% tags=["parameters"]
 config_path = "data/configs/cpu.yaml"
@@ -55,19 +59,22 @@ from IPython.display import Markdown, display
 
 from almost_utils import rm_figures, rm_report
 from almost_utils.config import load_config
+from almost_utils.fingerprint import check_run
 from almost_utils.models import check_models
 from almost_utils.reward_stage import load_results, load_step1_pairs, run_reward_model_stage
 
 pd.set_option("display.max_colwidth", 120)
 cfg = load_config(config_path, overrides)
-check_models(cfg)
+check_models(cfg)        # fail fast, before any model loads
 print(f"run '{cfg.run_name}' -> {cfg.run_dir}  (seed {cfg.seed}, device {cfg.device})")
+# Outputs of another recipe in this run's folder stop the notebook here, naming what changed.
+print("stages:", check_run(cfg))
 
 # %% [markdown]
 # ## The recipe, next to the paper's
 # The paper fine-tunes all weights of a 7B model on many thousands of pairs. On two CPU cores we
 # adapt a 270M model with LoRA, on a few hundred pairs, with a higher learning rate to make up
-# for far fewer optimizer steps. Values in the right column are our choices (METHOD.md marks
+# for far fewer optimizer steps. Values in the right column are our choices (docs/method.md marks
 # which paper values are known).
 
 # %%
@@ -126,8 +133,8 @@ display(pd.DataFrame(metrics["training"]).T[["train_pairs", "truncated_train_pai
 display(rm_report.accuracy_table(metrics, "heldout"))
 if any(a["benchmark"] == "heldout_no_hf" for a in metrics["accuracy"]):
     display(rm_report.accuracy_table(metrics, "heldout_no_hf"))
-fig = rm_figures.accuracy_bars(metrics["accuracy"], ("heldout", "heldout_no_hf"),
-                               title="Held-out synthetic pairs: pair accuracy (95% CI)")
+fig = rm_figures.accuracy_bars(metrics["accuracy"], ("heldout", "heldout_no_hf"), title=rm_figures.TITLES["heldout"])
+print("clusters (queries / conversations) per benchmark:", metrics["data"]["clusters"])
 plt.show()
 
 # %% [markdown]
@@ -136,14 +143,14 @@ plt.show()
 # careful reflection. Length is a strong cue here too - the preferred answer is often the longer,
 # more thorough one (on the real set "longer" ranks about 63% of pairs right) - so the bar to
 # clear is the green one, not 50%: an RM that only learned "longer is better" would match it, not
-# beat it. Bars show the accuracy per category with 95% bootstrap intervals; the dotted line is
-# chance. With 43-61 pairs per category an interval spans roughly +-13 points, so only large
-# differences are real.
+# beat it. Bars show the accuracy per category with 95% cluster bootstrap intervals (by
+# conversation); the dotted line is chance. A category has 43-61 pairs but only 19-36 distinct
+# conversations; an interval spans roughly +-13 points or more (wider where a scorer judges the
+# pairs of one conversation alike), so only large differences are real.
 
 # %%
 display(rm_report.accuracy_table(metrics, "hhh"))
-fig = rm_figures.accuracy_bars(metrics["accuracy"], ("hhh",),
-                               title="BIG-bench HHH: pair accuracy per category (95% CI)")
+fig = rm_figures.accuracy_bars(metrics["accuracy"], ("hhh",), title=rm_figures.TITLES["hhh"])
 plt.show()
 
 # %% [markdown]
@@ -160,8 +167,9 @@ plt.show()
 # ## 3. Ablation: the same RM without the Heuristic Filter
 # The filter drops pairs where the "better" configuration wrote an answer that is both shorter
 # than the other and unusually short for its query. Without it the RM gets more pairs, but some
-# are probably mislabelled. The difference in HHH accuracy comes with a *paired* bootstrap
-# interval (both RMs judged on the same resampled pairs). We report it whichever way it falls.
+# are probably mislabelled. The difference in HHH accuracy comes with a *paired* cluster bootstrap
+# interval (by conversation: both RMs judged on the same resampled conversations). We report it
+# whichever way it falls.
 
 # %%
 display(rm_report.ablation_table(metrics))
@@ -187,7 +195,8 @@ display(Markdown(rm_report.findings(metrics)))
 # pairs on a CPU; the paper's RM is a fully fine-tuned 7B model on far more data, so absolute
 # numbers are not comparable with the paper (whose RM accuracies we could not check). The
 # synthetic pairs come from gemma against a layer-dropped gemma, a weaker stand-in for "larger
-# model" than the paper's 7B vs 13B/30B. HHH is small: per-category intervals are wide.
+# model" than the paper's 7B vs 13B/30B. HHH is small (221 pairs from about 100 conversations):
+# per-category intervals are wide.
 #
 # ## Where the outputs are
 # `results/<run>/reward_model/`: `rm/` (the RM used by later steps: LoRA adapter + score head,

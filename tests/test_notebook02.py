@@ -1,7 +1,7 @@
 """Notebook 02 runs end to end on the tiny recipe (papermill), and the stage resumes without retraining.
 
 Step-1 output: notebook 01's pairs on the tiny recipe (the session fixture ``tiny_run``). HHH is
-read from the fixture in tests/fixtures/bigbench (no network).
+read from the fixture in data/fixtures/bigbench (no network).
 """
 import json
 import shutil
@@ -14,7 +14,7 @@ from almost_utils.config import load_config
 from conftest import ROOT, TINY
 
 NOTEBOOK = ROOT / "notebooks" / "02_reward_model.ipynb"
-FIXTURE = ROOT / "tests" / "fixtures" / "bigbench"
+FIXTURE = ROOT / "data" / "fixtures" / "bigbench"
 
 
 def _overrides(out: Path) -> dict:
@@ -61,27 +61,42 @@ def test_notebook_writes_metrics_figures_and_manifest(notebook_run):
     assert "Ablation" in text or "ablation" in text
 
 
-def test_rerun_reuses_models_and_scores(notebook_run):
+def test_rerun_with_the_same_recipe_reuses_the_stage(notebook_run, capsys):
     from almost_utils.reward_stage import run_reward_model_stage
     out, _ = notebook_run
     stage = out / "reward_model"
-    ids = {v: read_json(stage / v / "reward_model.json")["train"]["train_id"] for v in ("rm", "rm_no_hf")}
+    before = {p: p.read_bytes() for p in (stage / "manifest.json", stage / "metrics.json")}
     cfg = load_config(TINY, _overrides(out))
-    run_reward_model_stage(cfg, progress=False)
-    man = read_json(stage / "manifest.json")
-    assert sorted(man["notes"]["reused_models"]) == ["rm", "rm_no_hf"]
-    assert {v: read_json(stage / v / "reward_model.json")["train"]["train_id"] for v in ids} == ids
-    assert all(t < 5 for k, t in man["timings_s"].items() if k.startswith("score_"))   # scores read back
+    metrics = run_reward_model_stage(cfg, progress=False)
+    assert metrics == read_json(stage / "metrics.json")
+    assert {p: p.read_bytes() for p in before} == before                  # nothing recomputed or rewritten
+    assert "reward_model: reusing" in capsys.readouterr().out
 
 
-def test_changed_training_recipe_retrains(notebook_run, tmp_path):
+def test_half_finished_stage_resumes_to_the_same_metrics(notebook_run, tmp_path):
+    """Trained RMs and stored scores survive an interruption; the rerun trains nothing."""
     from almost_utils.reward_stage import run_reward_model_stage
     out, _ = notebook_run
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
-    cfg = load_config(TINY, {**_overrides(copy), "reward_model.learning_rate": 5e-4,
-                             "reward_model.ablation_no_heuristic_filter": False})
+    stage = copy / "reward_model"
+    (stage / "manifest.json").unlink()                                   # killed before the end
+    for p in (stage / "scores").glob("hhh__*.jsonl"):
+        p.unlink()
+    metrics = run_reward_model_stage(load_config(TINY, _overrides(copy)), progress=False)
+    man = read_json(stage / "manifest.json")
+    assert sorted(man["notes"]["reused_models"]) == ["rm", "rm_no_hf"]
+    assert metrics["accuracy"] == read_json(out / "reward_model" / "metrics.json")["accuracy"]
+
+
+def test_changed_training_recipe_stops_and_keeps_the_old_stage(notebook_run, tmp_path):
+    from almost_utils.fingerprint import StaleOutputError
+    from almost_utils.reward_stage import run_reward_model_stage
+    out, _ = notebook_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
     old = read_json(copy / "reward_model" / "rm" / "reward_model.json")["train"]["train_id"]
-    metrics = run_reward_model_stage(cfg, progress=False)
-    assert read_json(copy / "reward_model" / "rm" / "reward_model.json")["train"]["train_id"] != old
-    assert "hhh_rm_minus_rm_no_hf" not in metrics["ablation"]
+    cfg = load_config(TINY, {**_overrides(copy), "reward_model.learning_rate": 5e-4})
+    with pytest.raises(StaleOutputError, match=r"reward_model.learning_rate: 0.001 -> 0.0005"):
+        run_reward_model_stage(cfg, progress=False)
+    assert read_json(copy / "reward_model" / "rm" / "reward_model.json")["train"]["train_id"] == old

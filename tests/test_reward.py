@@ -141,11 +141,13 @@ def test_split_is_by_query_and_seeded():
 def test_stage_trains_once_when_the_filter_dropped_nothing(tmp_path):
     from almost_utils.artifacts import read_json, write_jsonl
     from almost_utils.reward_stage import run_reward_model_stage
+    from conftest import claim_upstream
     pairs, _ = toy_pairs(8, seed=2)
+    cfg = load_config(TINY, {"output_dir": str(tmp_path / "run"), "reward_model.bootstrap_samples": 50,
+                             "reward_model.hhh_dir": str(ROOT / "data" / "fixtures" / "bigbench")})
+    claim_upstream(cfg)
     write_jsonl(tmp_path / "run" / "comparisons" / "pairs.jsonl", pairs)
     write_jsonl(tmp_path / "run" / "comparisons" / "pairs_no_hf.jsonl", pairs)
-    cfg = load_config(TINY, {"output_dir": str(tmp_path / "run"), "reward_model.bootstrap_samples": 50,
-                             "reward_model.hhh_dir": str(ROOT / "tests" / "fixtures" / "bigbench")})
     metrics = run_reward_model_stage(cfg, progress=False)
     stage = tmp_path / "run" / "reward_model"
     man = read_json(stage / "manifest.json")

@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 CONFIG=${CONFIG:-data/configs/cpu.yaml}
 OVERRIDES=${OVERRIDES:-"{}"}
-NOTEBOOKS=${NOTEBOOKS:-"01_synthetic_comparisons 02_reward_model"}
+NOTEBOOKS=${NOTEBOOKS:-"01_synthetic_comparisons 02_reward_model 03_rmsp 04_sft"}
 FRESH=${FRESH:-0}
 
 bash scripts/setup.sh

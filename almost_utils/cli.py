@@ -7,6 +7,11 @@ functions directly.
     python -m almost_utils.cli reward_model --config data/configs/cpu.yaml
     python -m almost_utils.cli splits --config data/configs/cpu.yaml        # fresh queries for Steps 3+
     python -m almost_utils.cli rmsp --config data/configs/cpu.yaml          # Step 3, RM-guided self-play
+    python -m almost_utils.cli sft --config data/configs/cpu.yaml           # Step 4, ALMoST-SFT
+    python -m almost_utils.cli sft_norm --config data/configs/cpu.yaml      # Step 4, SFT-noRM (no RM)
+    python -m almost_utils.cli sft_answers --config data/configs/cpu.yaml   # held-out answers, RM-scored
+    python -m almost_utils.cli ppo --config data/configs/cpu.yaml           # Step 5 (accelerate launch: several processes)
+    python -m almost_utils.cli ppo_answers --config data/configs/cpu.yaml   # ALMoST-PPO's held-out answers
     python -m almost_utils.cli check --config data/configs/cpu.yaml     # would a rerun reuse, resume or stop?
     python -m almost_utils.cli queries --config data/configs/cpu.yaml --fresh   # recompute in a new folder
     python -m almost_utils.cli reproduce --reference results/cpu --run results/cpu-fresh-1a2b3c4d
@@ -88,11 +93,32 @@ def run_stage(stage: str, cfg: RunConfig) -> None:
     elif stage == "rmsp":
         from .rmsp import run_rmsp
         print(f"{len(run_rmsp(cfg))} self-play dialogues in {cfg.run_dir / 'rmsp'}")
+    elif stage in ("sft", "sft_norm"):
+        from .sft import run_sft_stage
+        summary = run_sft_stage(cfg, stage)
+        print(f"{stage}: {summary['optimizer_steps']} steps, loss {summary['first_loss']} -> "
+              f"{summary['final_loss']}; adapter in {cfg.run_dir / stage / 'adapter'}")
+    elif stage == "ppo":
+        from . import distributed
+        from .models import resolve_device
+        from .ppo import run_ppo_stage
+        accelerator = None
+        if distributed.world_size() > 1:                # under accelerate launch: the loop runs in every process
+            from accelerate import Accelerator
+            accelerator = Accelerator(cpu=resolve_device(cfg.device) == "cpu")
+        log = run_ppo_stage(cfg, accelerator=accelerator)
+        if accelerator is None or accelerator.is_main_process:
+            print(f"ppo: {len(log)} steps, RM score {log[0]['rm_score']:+.3f} -> {log[-1]['rm_score']:+.3f}, "
+                  f"KL {log[-1]['kl']:.3f}; adapter in {cfg.run_dir / 'ppo' / 'adapter'}")
+    elif stage in ("sft_answers", "ppo_answers"):
+        from .answers import run_answers_stage
+        print(f"{len(run_answers_stage(cfg, stage=stage))} answers in {cfg.run_dir / stage}")
 
 
 STATUS_WORDS = {"new": "nothing computed yet", "resume": "started with this recipe: resumes",
                 "done": "finished with this recipe: reused"}
-STAGES = ("setup", "check", "where", "queries", "comparisons", "reward_model", "splits", "rmsp")
+STAGES = ("setup", "check", "where", "queries", "comparisons", "reward_model", "splits", "rmsp", "sft", "sft_norm",
+          "sft_answers", "ppo", "ppo_answers")
 
 
 def load_run_config(path: str, overrides: str | None, sets: list[str], fresh: bool) -> RunConfig:

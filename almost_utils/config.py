@@ -209,6 +209,64 @@ class SFTConfig:
 
 
 @dataclass
+class AnswersConfig:
+    """Answers of the policies to held-out queries, scored by the Step-2 RM (almost_utils/answers.py).
+
+    Every policy answers the same queries with the same sampling settings and seeds; the vanilla
+    model reads the assistant agent's few-shot prefix (the prompted baseline), trained policies
+    the bare inference format.
+    """
+    split: str = "heldout"                # a split of ``splits.sizes``
+    num_queries: Optional[int] = None     # the first this many queries of the split (None = all)
+    samples: int = 2                      # answers per query (the bootstrap resamples queries)
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = 128
+    seed: Optional[int] = None            # None: the run's seed
+
+
+@dataclass
+class PPOConfig:
+    """Step 5: PPO of ALMoST-SFT against the Step-2 RM (almost_utils/ppo.py).
+
+    The policy is the SFT adapter merged into its base, with a new LoRA adapter trained here;
+    the reference policy is the same model with that adapter disabled. Defaults are common
+    choices of open PPO implementations for language models, not the paper's (it gives none).
+    """
+    start_from: str = "sft"               # the SFT stage PPO starts from
+    split: str = "ppo"                    # rollout queries: a split of ``splits.sizes``
+    steps: int = 20                       # PPO steps (one rollout batch each)
+    rollout_batch: int = 16               # prompts per step, over all processes
+    minibatch: int = 4                    # sequences per gradient step, per process
+    ppo_epochs: int = 4                   # passes over a rollout batch
+    learning_rate: float = 1e-4
+    max_grad_norm: float = 1.0
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0             # dropout off: log-probs of the same tokens must not change between passes
+    lora_layers: Optional[int] = None     # the top N decoder layers only (None = all)
+    lora_target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    kl_coef: float = 0.05                 # per-token KL penalty (k1 estimator) in the reward
+    kl_target: Optional[float] = None     # adaptive KL controller's target (None: fixed kl_coef)
+    kl_horizon: int = 10000               # the controller's horizon, in sequences
+    kl_limit: float = 20.0                # stop when the mean KL of a batch exceeds this (nats per sequence)
+    clip_range: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    normalize_reward: bool = True         # divide RM scores by their running standard deviation
+    temperature: float = 0.7              # rollouts; log-probs are computed at the same temperature
+    max_new_tokens: int = 64
+    no_eos_penalty: float = -1.0          # added to the score of a response that never ends its turn
+    save_steps: int = 5                   # checkpoint (adapter, value head, optimizer) every this many steps
+    logprob_batch: int = 8                # sequences per forward pass when scoring rollouts
+    seed: Optional[int] = None            # None: the run's seed
+
+
+@dataclass
 class RunConfig:
     run_name: str
     seed: int
@@ -222,6 +280,8 @@ class RunConfig:
     splits: Optional[SplitsConfig] = None
     rmsp: Optional[RMSPConfig] = None
     sft: Optional[SFTConfig] = None
+    answers: Optional[AnswersConfig] = None
+    ppo: Optional[PPOConfig] = None
 
     # ---------------------------------------------------------------- helpers
     def path(self, p: str | Path) -> Path:
@@ -458,10 +518,7 @@ def _validate_rmsp(cfg: RunConfig) -> None:
     for agent in ("assistant", "user"):
         a = getattr(r, agent)
         _check_positive(a.max_new_tokens, f"rmsp.{agent}.max_new_tokens")
-        if a.temperature < 0:
-            raise ConfigError(f"rmsp.{agent}.temperature: must be >= 0, got {a.temperature}")
-        if not 0 < a.top_p <= 1:
-            raise ConfigError(f"rmsp.{agent}.top_p: must be in (0, 1], got {a.top_p}")
+        _check_sampling(f"rmsp.{agent}", a.temperature, a.top_p)
 
 
 def _validate_sft(cfg: RunConfig) -> None:
@@ -482,6 +539,68 @@ def _validate_sft(cfg: RunConfig) -> None:
                 "lora_alpha", "lora_layers", "head_chunk", "save_steps", "logging_steps", "logprob_batch_size"):
         _check_positive(getattr(t, key), f"sft.{key}")
     _check_lora_training(cfg, t, "sft")
+
+
+def _split_size(cfg: RunConfig, where: str, split: str) -> int:
+    """The number of queries of a named split; an unknown split names ``where``."""
+    sizes = cfg.splits.sizes if cfg.splits is not None else {}
+    if split not in sizes:
+        raise ConfigError(f"{where}: unknown split {split!r} (splits.sizes: {', '.join(sizes) or 'none'})")
+    return sizes[split]
+
+
+def _check_sampling(where: str, temperature: float, top_p: float) -> None:
+    if temperature < 0:
+        raise ConfigError(f"{where}.temperature: must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"{where}.top_p: must be in (0, 1], got {top_p}")
+
+
+def _validate_answers(cfg: RunConfig) -> None:
+    """The ``answers`` section: a known split, sampling settings, and the sections it reads."""
+    a = cfg.answers
+    if a is None:
+        return
+    if cfg.sft is None or cfg.reward_model is None:
+        raise ConfigError("answers: needs the sft and reward_model sections (it compares the SFT policies by the RM)")
+    size = _split_size(cfg, "answers.split", a.split)
+    for key in ("num_queries", "samples", "max_new_tokens"):
+        _check_positive(getattr(a, key), f"answers.{key}")
+    if a.num_queries is not None and a.num_queries > size:
+        raise ConfigError(f"answers.num_queries: {a.num_queries} asked, but the {a.split} split holds "
+                          f"{size} queries (splits.sizes.{a.split})")
+    _check_sampling("answers", a.temperature, a.top_p)
+
+
+def _validate_ppo(cfg: RunConfig) -> None:
+    """The ``ppo`` section: what it starts from, its split, and every number's range."""
+    p = cfg.ppo
+    if p is None:
+        return
+    if cfg.sft is None or cfg.reward_model is None:
+        raise ConfigError("ppo: needs the sft and reward_model sections (PPO starts from SFT, the RM rewards)")
+    if p.start_from not in ("sft", "sft_norm"):
+        raise ConfigError(f"ppo.start_from: an SFT stage, 'sft' or 'sft_norm', got {p.start_from!r}")
+    size = _split_size(cfg, "ppo.split", p.split)
+    for key in ("steps", "rollout_batch", "minibatch", "ppo_epochs", "learning_rate", "max_grad_norm", "lora_r",
+                "lora_alpha", "lora_layers", "kl_horizon", "kl_limit", "max_new_tokens", "save_steps",
+                "logprob_batch", "kl_target"):
+        _check_positive(getattr(p, key), f"ppo.{key}")
+    for key in ("kl_coef", "vf_coef"):
+        _check_positive(getattr(p, key), f"ppo.{key}", allow_zero=True)
+    for key in ("clip_range", "value_clip"):
+        if not 0 < getattr(p, key) < 1:
+            raise ConfigError(f"ppo.{key}: must be in (0, 1), got {getattr(p, key)}")
+    for key in ("gamma", "lam"):
+        if not 0 <= getattr(p, key) <= 1:
+            raise ConfigError(f"ppo.{key}: must be in [0, 1], got {getattr(p, key)}")
+    if p.minibatch > p.rollout_batch:
+        raise ConfigError(f"ppo.minibatch: {p.minibatch} is larger than ppo.rollout_batch = {p.rollout_batch}")
+    if p.rollout_batch > size:
+        raise ConfigError(f"ppo.rollout_batch: {p.rollout_batch} prompts a step, but the {p.split} split holds "
+                          f"{size} queries (splits.sizes.{p.split})")
+    if p.temperature <= 0:
+        raise ConfigError(f"ppo.temperature: must be > 0 (log-probs are computed at it), got {p.temperature}")
 
 
 def _check_files(cfg: RunConfig) -> None:
@@ -530,6 +649,8 @@ def parse_config(data: dict, check_files: bool = True) -> RunConfig:
     _validate(cfg)
     _validate_rmsp(cfg)
     _validate_sft(cfg)
+    _validate_answers(cfg)
+    _validate_ppo(cfg)
     if check_files:
         _check_files(cfg)
     return cfg

@@ -28,12 +28,16 @@ FINGERPRINT_FILE = "fingerprint.json"
 # Stages in the order a run computes them, each with the stage it reads from.
 # rmsp also reads the splits: their fingerprint is one of its inputs (a stage names one upstream here).
 UPSTREAM: dict[str, str | None] = {"queries": None, "comparisons": "queries", "reward_model": "comparisons",
-                                   "splits": "queries", "rmsp": "reward_model", "sft": "rmsp", "sft_norm": "rmsp"}
+                                   "splits": "queries", "rmsp": "reward_model", "sft": "rmsp", "sft_norm": "rmsp",
+                                   "sft_answers": "sft_norm", "ppo": "sft", "ppo_answers": "ppo"}
 # Stages that run only when the recipe has these sections.
 SECTIONS: dict[str, tuple[str, ...]] = {"reward_model": ("reward_model",), "splits": ("splits",),
                                         "rmsp": ("reward_model", "splits", "rmsp"),
                                         "sft": ("reward_model", "splits", "rmsp", "sft"),
-                                        "sft_norm": ("reward_model", "splits", "rmsp", "sft")}
+                                        "sft_norm": ("reward_model", "splits", "rmsp", "sft"),
+                                        "sft_answers": ("reward_model", "splits", "rmsp", "sft", "answers"),
+                                        "ppo": ("reward_model", "splits", "rmsp", "sft", "ppo"),
+                                        "ppo_answers": ("reward_model", "splits", "rmsp", "sft", "answers", "ppo")}
 
 
 class StaleOutputError(ConfigError):
@@ -135,8 +139,8 @@ def _rmsp_inputs(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _sft_inputs(variant: str):
-    """One SFT variant: the whole sft section (both variants' files too, so that the last stage,
-    sft_norm, covers everything sft reads: run_fingerprint relies on it) and the policy model."""
+    """One SFT variant: the whole sft section (both variants' files, so that either stage's
+    fingerprint covers everything the other reads) and the policy model."""
     def inputs(cfg: RunConfig) -> dict[str, Any]:
         t = cfg.sft
         if t is None:
@@ -146,9 +150,41 @@ def _sft_inputs(variant: str):
     return inputs
 
 
+def _sft_answers_inputs(cfg: RunConfig) -> dict[str, Any]:
+    """The answer settings, the prompted baseline's configuration, and every stage whose outputs it
+    loads: both SFT adapters (sft_norm is the registered upstream), the RM and the splits."""
+    a = cfg.answers
+    if a is None:
+        raise ConfigError("sft_answers: this recipe has no answers section")
+    assistant = cfg.comparisons.rubric[0][0]
+    return {**_common(cfg), **_flatten("answers", a), **_flatten("answers.baseline_configuration", assistant),
+            **_models(cfg, [cfg.sft.model]), "upstream:sft": stage_fingerprint(cfg, "sft"),
+            "upstream:reward_model": stage_fingerprint(cfg, "reward_model"),
+            "upstream:splits": stage_fingerprint(cfg, "splits")}
+
+
+def _ppo_inputs(cfg: RunConfig) -> dict[str, Any]:
+    """The PPO settings and the stages it loads: the SFT policy it starts from (its registered
+    upstream is sft; another start is named here), the RM and the splits."""
+    p = cfg.ppo
+    if p is None:
+        raise ConfigError("ppo: this recipe has no ppo section")
+    return {**_common(cfg), **_flatten("ppo", p), f"upstream:{p.start_from}": stage_fingerprint(cfg, p.start_from),
+            "upstream:reward_model": stage_fingerprint(cfg, "reward_model"),
+            "upstream:splits": stage_fingerprint(cfg, "splits")}
+
+
+def _ppo_answers_inputs(cfg: RunConfig) -> dict[str, Any]:
+    """The answer settings and Step 4's answers, which its summary pairs with (ppo is the upstream)."""
+    if cfg.answers is None:
+        raise ConfigError("ppo_answers: this recipe has no answers section")
+    return {**_common(cfg), **_flatten("answers", cfg.answers), "upstream:sft_answers": stage_fingerprint(cfg, "sft_answers")}
+
+
 INPUTS = {"queries": _queries_inputs, "comparisons": _comparisons_inputs, "reward_model": _reward_model_inputs,
           "splits": _splits_inputs, "rmsp": _rmsp_inputs,
-          "sft": _sft_inputs("sft"), "sft_norm": _sft_inputs("sft_norm")}
+          "sft": _sft_inputs("sft"), "sft_norm": _sft_inputs("sft_norm"),
+          "sft_answers": _sft_answers_inputs, "ppo": _ppo_inputs, "ppo_answers": _ppo_answers_inputs}
 
 
 def stage_inputs(cfg: RunConfig, stage: str) -> dict[str, Any]:
@@ -176,8 +212,9 @@ def run_stages(cfg: RunConfig) -> list[str]:
 
 
 def run_fingerprint(cfg: RunConfig) -> str:
-    """The fingerprint of the recipe's last stage: it covers every stage before it."""
-    return stage_fingerprint(cfg, run_stages(cfg)[-1])
+    """The fingerprint of the whole recipe: of every stage's fingerprint (the stages branch after
+    Step 4, so no single stage covers all the others)."""
+    return fingerprint_of({s: stage_fingerprint(cfg, s) for s in run_stages(cfg)})
 
 
 # --------------------------------------------------------------------------- the rule

@@ -21,6 +21,18 @@ Per stage, for one process on one GPU (models are loaded one at a time):
   7B with 16 sequences, 13.0 GiB for 7B with 8). That run's log was not kept, so treat these
   figures as unverified until ``scripts/gpu_smoke.sh`` logs a new measurement under results/.
 
+* ``rmsp`` (self-play): the assistant agent's sampling row at its longest prompt (Faithful prefix +
+  the dialogue so far: every earlier assistant and user turn at its token cap), with
+  ``candidates`` rows per dialogue, plus the RM's weights (both models stay loaded).
+* ``sft`` / ``sft_norm``: as the RM, for ``batch_size`` dialogues of ``max_length`` tokens, plus
+  the output layer's logits: ``head_chunk`` rows at a time with ``masked_logits`` (three fp32
+  copies: logits, softmax, gradient), else every position of the batch.
+* ``ppo``: two copies of the merged SFT policy in its compute dtype (the trained one with the PPO
+  LoRA and value head, and the plain rollout copy), LoRA + AdamW, the activations of a
+  ``minibatch`` of prompt + response sequences, response-position logits, and the RM's weights.
+* ``sft_answers``: the prompted baseline's sampling row (the Faithful prefix; the trained
+  policies read no prefix), plus the RM's weights.
+
 Each total adds 0.75 GiB (CUDA context) and 10% (allocator fragmentation). Estimates, not
 measurements: expect +-20%. Prompt lengths count 3.5 characters per token (conservative for
 English text with 32k-262k vocabularies).
@@ -32,6 +44,7 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -48,7 +61,7 @@ CUDA_CONTEXT_GIB = 0.75
 FRAGMENTATION = 0.10
 NF4_BYTES = (4 + 8 / 64 + 32 / (64 * 256)) / 8   # NF4 + double-quantised absmax, per weight
 QUERY_INSTRUCTION_CHARS = 100                      # Step 0's instruction line (queries.INSTRUCTION)
-STAGES = ("queries", "comparisons", "reward_model")
+STAGES = ("queries", "comparisons", "reward_model", "rmsp", "sft", "ppo", "sft_answers")
 # Activations of QLoRA RM training come out near the formula at fp32 plus 10% (one unlogged H100
 # run of trl's RewardTrainer, 16 x 1024 tokens, checkpointing, random Qwen2.5-1.5B / 7B weights).
 RM_ACTIVATION_FACTOR = 1.1
@@ -302,17 +315,18 @@ def _sampling_row(cfg: RunConfig, stage: str, key: str, prompt: tuple[int, int],
     return _finish(row)
 
 
-def _reward_row(cfg: RunConfig) -> Optional[Row]:
-    rm = cfg.reward_model
-    if rm is None:
-        return None
-    spec = cfg.models[rm.model]
-    row = Row("reward_model", rm.model, spec.source)
+def _lora_training_row(cfg: RunConfig, stage: str, t, sequences: int, head: str | None = None) -> Row:
+    """LoRA (QLoRA with a 4-bit spec on CUDA) training of ``t.model`` on ``sequences`` sequences of
+    ``t.max_length`` tokens per device step. ``head``: ``None`` for a scalar head (the RM);
+    ``"masked"`` or ``"full"`` for an LM head whose logits are computed at answer rows in chunks of
+    ``t.head_chunk`` or at every position."""
+    spec = cfg.models[t.model]
+    row = Row(stage, t.model, spec.source)
     arch, note = model_arch(spec)
     if arch is None:
         row.note = note
         return row
-    params = arch.params(lm_head=False) + arch.hidden     # + the scalar head
+    params = arch.params(lm_head=head is not None) + (arch.hidden if head is None else 0)
     frozen_linear = arch.layers * arch.layer_linear
     nbytes, prec = _dtype_bytes(spec, cfg.device)
     quant = spec.load_in_4bit and cfg.device != "cpu"
@@ -324,25 +338,107 @@ def _reward_row(cfg: RunConfig) -> Optional[Row]:
     else:
         weights, act_bytes = params * nbytes, nbytes
         prec += "+lora"
-    trainable = arch.lora_params(rm.lora_r, getattr(rm, "lora_target_modules", LORA_TARGETS),
-                                 getattr(rm, "lora_layers", None)) + arch.hidden
-    tokens = 2 * rm.batch_size * rm.max_length          # chosen and rejected of each pair
+    trainable = arch.lora_params(t.lora_r, getattr(t, "lora_target_modules", LORA_TARGETS),
+                                 getattr(t, "lora_layers", None)) + (arch.hidden if head is None else 0)
+    tokens = sequences * t.max_length
     per_layer = tokens * (12 * arch.hidden + 4 * arch.inter) * act_bytes
-    if rm.gradient_checkpointing:
+    if t.gradient_checkpointing:
         acts = arch.layers * tokens * arch.hidden * act_bytes + per_layer
     else:
         acts = arch.layers * per_layer
     acts *= RM_ACTIVATION_FACTOR
     row.params, row.precision = params, prec
     row.parts = {"weights": weights / GIB, "lora+adamw": trainable * 16 / GIB, "activations": acts / GIB}
-    row.context = f"{rm.max_length}/{arch.max_context}"
-    row.fits_context = rm.max_length <= arch.max_context
-    row.note = (f"{2 * rm.batch_size} seqs x {rm.max_length} tokens, LoRA r={rm.lora_r} "
+    if head is not None:
+        rows = min(t.head_chunk, tokens) if head == "masked" else tokens
+        row.parts["logits"] = 3 * rows * arch.vocab * 4 / GIB
+    row.context = f"{t.max_length}/{arch.max_context}"
+    row.fits_context = t.max_length <= arch.max_context
+    row.note = (f"{sequences} seqs x {t.max_length} tokens, LoRA r={t.lora_r} "
                 f"({_fmt_params(trainable)} trainable), checkpointing "
-                f"{'on' if rm.gradient_checkpointing else 'off'}; per process")
+                f"{'on' if t.gradient_checkpointing else 'off'}"
+                + (f", logits {head}" if head else "") + "; per process")
     if not row.fits_context:
-        row.note += f"; CONTEXT: max_length {rm.max_length} > model's {arch.max_context}"
+        row.note += f"; CONTEXT: max_length {t.max_length} > model's {arch.max_context}"
     return _finish(row)
+
+
+def _reward_row(cfg: RunConfig) -> Optional[Row]:
+    rm = cfg.reward_model
+    if rm is None:
+        return None
+    return _lora_training_row(cfg, "reward_model", rm, 2 * rm.batch_size)   # chosen and rejected of each pair
+
+
+def _with_rm(cfg: RunConfig, row: Row) -> Row:
+    """A sampling row plus the RM's weights (scoring shares the GPU with the sampler)."""
+    arch, _ = model_arch(cfg.models[cfg.reward_model.model])
+    if arch is None or row.total_gib is None:
+        return row
+    spec = cfg.models[cfg.reward_model.model]
+    nbytes = NF4_BYTES if (spec.load_in_4bit and cfg.device != "cpu") else _dtype_bytes(spec, cfg.device)[0]
+    row.parts["rm_weights"] = arch.params(lm_head=False) * nbytes / GIB
+    row.note += "; + the RM for scoring"
+    return _finish(row)
+
+
+def _ppo_row(cfg: RunConfig) -> Row:
+    """PPO: the policy trained with LoRA (its logits at response positions, ``minibatch`` sequences,
+    log-softmax and entropy kept for backward), its plain rollout copy, and the RM's weights."""
+    p, key = cfg.ppo, cfg.sft.model
+    spec = cfg.models[key]
+    arch, note = model_arch(spec)
+    row = Row("ppo", key, spec.source)
+    if arch is None:
+        row.note = note
+        return row
+    nbytes, prec = _dtype_bytes(spec, cfg.device)       # merged SFT weights: the compute dtype, never 4-bit
+    params = arch.params()
+    seq = _tokens(cfg.queries.max_chars) + 16 + p.max_new_tokens
+    tokens = p.minibatch * seq
+    acts = arch.layers * tokens * (12 * arch.hidden + 4 * arch.inter) * nbytes * RM_ACTIVATION_FACTOR
+    trainable = arch.lora_params(p.lora_r, p.lora_target_modules, p.lora_layers) + arch.hidden
+    rm = cfg.models[cfg.reward_model.model]
+    rm_arch, _ = model_arch(rm)
+    rm_bytes = NF4_BYTES if (rm.load_in_4bit and cfg.device != "cpu") else _dtype_bytes(rm, cfg.device)[0]
+    row.params, row.precision = params, prec + "+lora"
+    row.parts = {"weights": 2 * params * nbytes / GIB,          # the trained copy and the rollout copy
+                 "lora+adamw": trainable * 16 / GIB, "activations": acts / GIB,
+                 "logits": 3 * p.minibatch * p.max_new_tokens * arch.vocab * 4 / GIB,
+                 "rm_weights": (rm_arch.params(lm_head=False) * rm_bytes / GIB) if rm_arch else 0.0}
+    row.context = f"{seq}/{arch.max_context}"
+    row.fits_context = seq <= arch.max_context
+    row.note = (f"policy + rollout copy + RM; {p.minibatch} seqs x {seq} tokens a gradient step, LoRA r={p.lora_r} "
+                f"({_fmt_params(trainable)} trainable); per process")
+    return _finish(row)
+
+
+def _steps_rows(cfg: RunConfig) -> list[Row]:
+    """Steps 3-4: self-play, SFT, the held-out answers."""
+    rows = []
+    best = cfg.comparisons.rubric[0][0]
+    if cfg.rmsp is not None and cfg.reward_model is not None:
+        r = cfg.rmsp
+        prefix, turn = comparison_prompt_tokens(cfg, best.demos, best.shots)
+        history = (r.assistant_turns - 1) * (r.assistant.max_new_tokens + r.user.max_new_tokens + 8)
+        row = _sampling_row(cfg, "rmsp", best.model, (prefix, turn + history), r.assistant.max_new_tokens,
+                            f"assistant turn {r.assistant_turns}, {r.candidates} candidates a dialogue")
+        rows.append(_with_rm(cfg, row))
+    if cfg.sft is not None:
+        t = cfg.sft
+        rows.append(_lora_training_row(cfg, "sft", t, t.batch_size, "masked" if t.masked_logits else "full"))
+    if cfg.ppo is not None and cfg.sft is not None and cfg.reward_model is not None:
+        rows.append(_ppo_row(cfg))
+    if cfg.answers is not None and cfg.sft is not None and cfg.reward_model is not None:
+        prefix, turn = comparison_prompt_tokens(cfg, best.demos, best.shots)
+        # trained adapters are merged into the base in its compute dtype (sft.load_policy), never 4-bit
+        key = cfg.sft.model
+        merged = dataclasses.replace(cfg, models={**cfg.models, key: dataclasses.replace(cfg.models[key],
+                                                                                         load_in_4bit=False)})
+        row = _sampling_row(merged, "sft_answers", key, (prefix, turn), cfg.answers.max_new_tokens,
+                            "a merged policy behind the Faithful prefix (the prompted baseline's prompt)")
+        rows.append(_with_rm(cfg, row))
+    return rows
 
 
 def estimate_rows(cfg: RunConfig) -> list[Row]:
@@ -363,7 +459,7 @@ def estimate_rows(cfg: RunConfig) -> list[Row]:
     rm = _reward_row(cfg)
     if rm is not None:
         rows.append(rm)
-    return rows
+    return rows + _steps_rows(cfg)
 
 
 def estimate_memory(cfg: RunConfig) -> dict[str, float | str]:

@@ -80,3 +80,11 @@ def trainer_callback(desc: str):
             self.bar.close()
 
     return _StepBar()
+
+
+def quiet_trainer(trainer) -> None:
+    """Headless runs: the step bar is in the terminal, so the trainer's printed log dicts stay out
+    of the executed notebook."""
+    if headless():
+        from transformers import PrinterCallback
+        trainer.remove_callback(PrinterCallback)

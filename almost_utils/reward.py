@@ -41,6 +41,7 @@ from .config import ConfigError, ModelSpec, RewardModelConfig, RunConfig
 from .dialogue import Turn, rm_text
 from .progress import bar as progress_bar
 from .progress import headless as progress_headless
+from .progress import quiet_trainer
 from .progress import trainer_callback
 
 META_FILE = "reward_model.json"
@@ -243,9 +244,7 @@ def train_reward_model(cfg: RunConfig, train_rows: Sequence[dict], eval_rows: Se
         trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds.remove_columns("truncated"),
                                 eval_dataset=eval_ds.remove_columns("truncated") if eval_ds is not None else None,
                                 processing_class=tok, callbacks=callbacks)
-        if progress_headless():       # the step bar is in the terminal; keep the log dicts out of the notebook
-            from transformers import PrinterCallback
-            trainer.remove_callback(PrinterCallback)
+        quiet_trainer(trainer)
         result = trainer.train()
     seconds = time.perf_counter() - t0
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]

@@ -444,6 +444,30 @@ class _Models:
         return self.engine, self.scorer
 
 
+def play_dialogue(cfg: RunConfig, query: str, engine=None, scorer=None, seed: int | None = None,
+                  count_tokens=None) -> tuple[dict, list[dict]]:
+    """Self-play one dialogue from ``query`` with the stage's models and settings, for a live look:
+    ``(dialogue state, records)``, one record per assistant turn as in ``candidates.jsonl``.
+
+    Nothing is written. ``engine`` and ``scorer`` default to the models :func:`run_rmsp` uses.
+    """
+    r = _rmsp_cfg(cfg)
+    user_prefix, _, rm_folder = check_inputs(cfg, need_rm_weights=scorer is None)
+    from .comparisons import configurations, prompt_prefix
+    prefixes = {"assistant": prompt_prefix(cfg, configurations(cfg)[0]), "user": user_prefix}
+    engine, scorer = _Models(cfg, rm_folder, engine, scorer, progress=False)()
+    d = new_dialogue(0, {"id": -1, "query": query})
+    records = []
+    for turn in range(r.assistant_turns):
+        if d["end"] is not None:
+            break
+        recs, _ = play_turn([d], turn, r, engine, scorer, prefixes, cfg.seed if seed is None else seed,
+                            count_tokens or token_counter(engine), unit=f"live.t{turn}")
+        apply_record(d, recs[0])
+        records.extend(recs)
+    return d, records
+
+
 def token_counter(engine):
     """``count(text) -> int`` with the engine's tokenizer (no special tokens)."""
     tok = getattr(engine, "tokenizer", None)

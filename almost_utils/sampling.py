@@ -54,6 +54,7 @@ class SamplingParams:
     stop: Sequence[str] = ()     # cut the text at the first occurrence of any (the stop string itself excluded)
     seed: int = 0
     ignore_eos: bool = False     # benchmarks: always generate max_new_tokens
+    include_eos: bool = False    # generate_tokens: keep the EOS that ended a row (RL scores that action too)
 
 
 # --------------------------------------------------------------------------- text helpers
@@ -215,7 +216,7 @@ class _KV:
         return prefix_start, row_start, mask[:, None, None]
 
     def select(self, rows: torch.Tensor):
-        """Keep only ``rows`` (finished rows leave the batch)."""
+        """Keep only ``rows``, in that order (finished rows leave the batch; a repeated index copies a row)."""
         self.pos, self.valid = self.pos[rows], self.valid[rows]
         for d in (self.keys, self.values):
             for layer in d:
@@ -407,7 +408,8 @@ class TransformersEngine:
 
     def generate_tokens(self, prompts: list[str], params: SamplingParams, prefix: str = "",
                         desc: str | None = None) -> list[list[int]]:
-        """Generated token ids per prompt (EOS excluded; may run past a stop string by a token)."""
+        """Generated token ids per prompt (EOS excluded unless ``params.include_eos``; may run past a
+        stop string by a token)."""
         if not prompts:
             return []
         prefix_ids, queries = self._tokenize(prompts, prefix)
@@ -511,10 +513,19 @@ class TransformersEngine:
 
     def _batch(self, rows: list[list[int]], prefix: _Prefix | None, params: SamplingParams,
                gen: torch.Generator) -> list[list[int]]:
-        """Generate for one batch of token rows (left padded behind the shared prefix)."""
-        ids, kv = self._layout(rows, prefix, params.max_new_tokens)
+        """Generate for one batch of token rows (left padded behind the shared prefix).
+
+        Identical rows (self-play samples N candidates per prompt) are prefilled once and their
+        keys/values copied: a long dialogue history costs one prefill, not N."""
+        first: dict[tuple, int] = {}
+        copy_of = [first.setdefault(tuple(r), len(first)) for r in rows]
+        ids, kv = self._layout([list(r) for r in first], prefix, params.max_new_tokens)
         width = ids.shape[1]
         logits = self._prefill(ids, kv)
+        if len(first) < len(rows):
+            copies = torch.tensor(copy_of, device=logits.device)
+            kv.select(copies)
+            logits = logits[copies]
         done = self._stopper(params)
         out: list[list[int]] = [[] for _ in rows]
         active = list(range(len(rows)))                  # batch row -> output row
@@ -545,6 +556,8 @@ class TransformersEngine:
 
         def done(tokens: list[int], new: int) -> bool:
             if new in eos:
+                if params.include_eos:
+                    tokens.append(new)
                 return True
             tokens.append(new)
             return bool(stops) and any(s in decode(tokens[-tail:], skip_special_tokens=True) for s in stops)

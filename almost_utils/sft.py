@@ -68,7 +68,7 @@ from .artifacts import Manifest, read_json, write_json, write_jsonl
 from .config import ConfigError, ModelSpec, RunConfig
 from .dialogue import ROLES, STOP_STRINGS, Turn
 from .progress import headless as progress_headless
-from .progress import say, trainer_callback
+from .progress import quiet_trainer, say, trainer_callback
 
 SFT_STAGES = {"sft": "ALMoST-SFT (the RM's pick at every turn)",
               "sft_norm": "SFT-noRM (a random candidate at every turn, N = 1)"}
@@ -414,6 +414,7 @@ def build_trainer(cfg: RunConfig, model, tok, dataset, output_dir: str | Path, *
     with _quiet_deprecations():
         trainer = _sft_trainer_class()(model=model, args=args, train_dataset=dataset, processing_class=tok,
                                        peft_config=lora_config(sft, decoder_layers(model)), callbacks=callbacks)
+    quiet_trainer(trainer)
     trainer.loss_mode = mode
     return trainer
 

@@ -45,29 +45,17 @@ config_path = "data/configs/cpu.yaml"
 overrides = {}
 
 # %%
-import os
-from pathlib import Path
-
-if Path.cwd().name == "notebooks":
-    os.chdir("..")        # paths in the recipes are relative to the repository root
-
 import pandas as pd
 from IPython.display import Markdown, display
 
 from almost_utils import comparison_report as report
 from almost_utils.artifacts import read_json, read_jsonl
 from almost_utils.comparisons import build_comparisons, configurations, prompt_prefix
-from almost_utils.config import load_config
-from almost_utils.fingerprint import check_run
-from almost_utils.models import check_models
+from almost_utils.notebook import open_run
 from almost_utils.queries import generate_queries
 
 pd.set_option("display.max_colwidth", 200)
-cfg = load_config(config_path, overrides)
-check_models(cfg)        # fail fast, before any model loads
-print(f"run '{cfg.run_name}' -> {cfg.run_dir}  (seed {cfg.seed})")
-# Outputs of another recipe in this run's folder stop the notebook here, naming what changed.
-print("stages:", check_run(cfg))
+cfg = open_run(config_path, overrides)   # stops here on a bad recipe or another recipe's outputs
 
 # %% [markdown]
 # ## The rubric of this run

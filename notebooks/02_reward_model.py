@@ -47,28 +47,16 @@ config_path = "data/configs/cpu.yaml"
 overrides = {}
 
 # %%
-import os
-from pathlib import Path
-
-if Path.cwd().name == "notebooks":
-    os.chdir("..")        # paths in the recipes are relative to the repository root
-
 import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import Markdown, display
 
 from almost_utils import rm_figures, rm_report
-from almost_utils.config import load_config
-from almost_utils.fingerprint import check_run
-from almost_utils.models import check_models
+from almost_utils.notebook import open_run
 from almost_utils.reward_stage import load_results, load_step1_pairs, run_reward_model_stage
 
 pd.set_option("display.max_colwidth", 120)
-cfg = load_config(config_path, overrides)
-check_models(cfg)        # fail fast, before any model loads
-print(f"run '{cfg.run_name}' -> {cfg.run_dir}  (seed {cfg.seed}, device {cfg.device})")
-# Outputs of another recipe in this run's folder stop the notebook here, naming what changed.
-print("stages:", check_run(cfg))
+cfg = open_run(config_path, overrides)   # stops here on a bad recipe or another recipe's outputs
 
 # %% [markdown]
 # ## The recipe, next to the paper's

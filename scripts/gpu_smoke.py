@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""GPU smoke test: the `tiny` recipe on CUDA, with 4-bit loading, sampling and QLoRA RM steps.
+"""GPU smoke test: the `tiny` recipe on CUDA, with 4-bit loading, sampling, QLoRA RM and SFT steps, self-play.
 
 Run it through ``scripts/gpu_smoke.sh`` (which adds a 5-minute timeout); CPU CI never runs it.
 Works offline: no model hub, no pip. It needs only these installed packages:
@@ -23,6 +23,12 @@ Checks, each timed with its peak GPU memory; any failure makes the exit status 1
                    checkpointing, a few Bradley-Terry steps on toy pairs
 8. reward module - almost_utils.reward.train_reward_model (trl RewardTrainer) for a few steps on
                    toy pairs in 4-bit, then the saved RM reloaded and scored (skipped if absent)
+9. self-play turn - Step 3's unit: N candidates per dialogue through the 4-bit engine, scored by
+                   that RM, the argmax kept, the user agent's reply
+10. QLoRA SFT    - Step 4's trainer (assistant-only loss, masked output layer) for a few steps on
+                   the 4-bit model; the adapter reloads and scores an answer
+11. PPO steps    - Step 5's trainer for two steps from that adapter (merged into bf16 weights: PPO
+                   trains its LoRA on the merged policy, not in 4-bit), rewarded by that RM
 
 Usage: python scripts/gpu_smoke.py [--device cuda|cpu] [--tokenizer auto|builtin|PATH] [--keep DIR]
 (``--device cpu`` runs what CPUs can, skipping 4-bit steps: a check of this script itself.)
@@ -352,6 +358,75 @@ def check_reward_module(cfg4, work: Path) -> dict:
     return out
 
 
+def check_self_play_turn(cfg4, work: Path) -> dict:
+    """Step 3's unit of work: one assistant turn of self-play (N candidates per dialogue through the
+    engine, scored by the RM that the reward-module check saved) and the user agent's reply."""
+    from almost_utils.engines import load_engine
+    from almost_utils.reward import load_reward_model
+    from almost_utils.rmsp import load_user_prompt, new_dialogue, play_turn, token_counter
+    from almost_utils.comparisons import configurations, prompt_prefix
+    if not (work / "rm" / "adapter_config.json").is_file():
+        raise Skip("no RM saved by the reward-module check")
+    r = cfg4.rmsp
+    engine = load_engine(cfg4, configurations(cfg4)[0].model, progress=False)
+    scorer = load_reward_model(work / "rm", device=cfg4.device)
+    seeds, _ = _prompts()
+    dialogues = [new_dialogue(i, {"id": i, "query": q}) for i, q in enumerate(seeds[:4])]
+    prefixes = {"assistant": prompt_prefix(cfg4, configurations(cfg4)[0]),
+                "user": load_user_prompt(cfg4.path(r.user_prompt))}
+    t0 = time.perf_counter()
+    records, stats = play_turn(dialogues, 0, r, engine, scorer, prefixes, cfg4.seed, token_counter(engine), "smoke")
+    print(f"{len(records)} dialogues x {r.candidates} candidates in {time.perf_counter() - t0:.1f}s: {stats}")
+    if any(len(rec["candidates"]) != r.candidates for rec in records):
+        raise RuntimeError("a dialogue did not get N candidates")
+    for rec in records:
+        scores = [c["score"] for c in rec["candidates"]]
+        if rec["picks"]["rm"] is not None and scores[rec["picks"]["rm"]] != max(s for s in scores if s is not None):
+            raise RuntimeError(f"the RM's pick is not the argmax: {scores} -> {rec['picks']['rm']}")
+    return {"stats": stats}
+
+
+def check_sft_steps(cfg4, work: Path) -> dict:
+    """Step 4: a few (Q)LoRA SFT steps of the project's trainer (assistant-only loss, the masked
+    output layer) on hand-made dialogues; the saved adapter reloads and scores an answer."""
+    import math
+    from almost_utils import sft as S
+    seeds, _ = _prompts()
+    rows = [{"id": i, "turns": [["Human", q], ["Assistant", "Here is a short, careful answer. " * 3]]}
+            for i, q in enumerate(seeds[:8])]
+    summary = S.train_sft(cfg4, rows, work / "sft", "sft", progress=False)
+    print(f"SFT: {summary['optimizer_steps']} steps, loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}, "
+          f"{summary['tokens_per_s']} tokens/s, loss mode {summary['loss_mode']}")
+    policy = S.load_policy(work / "sft", device=cfg4.device, progress=False)
+    lp = policy.logprobs([seeds[0]], ["Here is a short, careful answer."])[0]
+    if not (math.isfinite(summary["final_loss"]) and math.isfinite(lp["sum"])):
+        raise RuntimeError(f"non-finite loss or log-prob: {summary['final_loss']}, {lp['sum']}")
+    return {"summary": summary, "logprob": lp["sum"]}
+
+
+def check_ppo_steps(cfg4, work: Path) -> dict:
+    """Step 5: two PPO steps of the project's trainer from the SFT adapter of the previous check,
+    rewarded by the RM of the reward-module check (rollouts through the engine on the synced copy)."""
+    import math
+    from almost_utils.ppo import PPOTrainer, RolloutWeights, build_policy, rm_reward, step_queries
+    from almost_utils.reward import load_reward_model
+    from almost_utils.sampling import TransformersEngine
+    if not (work / "sft" / "adapter").is_dir() or not (work / "rm" / "adapter_config.json").is_file():
+        raise Skip("needs the SFT adapter and the RM of the previous checks")
+    policy, plain, tok = build_policy(cfg4, work / "sft", cfg4.device)
+    engine = TransformersEngine(plain, tok, batch_size=8, progress=False)
+    reward = rm_reward(load_reward_model(work / "rm", device=cfg4.device))
+    trainer = PPOTrainer(cfg4.ppo, policy, tok, engine, RolloutWeights(plain, policy.peft), reward, seed=0)
+    seeds, _ = _prompts()
+    queries = [{"id": i, "query": q} for i, q in enumerate(seeds[:8])]
+    rows = [trainer.step(step_queries(queries, s, cfg4.ppo.rollout_batch, 0)) for s in range(2)]
+    for r in rows:
+        print({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items() if k != "examples"})
+    if not all(math.isfinite(r["pg_loss"]) and math.isfinite(r["kl"]) for r in rows):
+        raise RuntimeError("PPO produced a non-finite loss or KL")
+    return {"rows": rows}
+
+
 # --------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -381,11 +456,17 @@ def main(argv=None) -> int:
                 cfg_cpu = folder_recipe(cfg, model_dir, load_in_4bit=False)
                 smoke.run("LoRA RM steps", check_qlora_steps, cfg_cpu)
                 smoke.run("reward module", check_reward_module, cfg_cpu, work)
+                smoke.run("self-play turn", check_self_play_turn, cfg_cpu, work)
+                smoke.run("LoRA SFT steps", check_sft_steps, cfg_cpu, work)
+                smoke.run("PPO steps", check_ppo_steps, cfg_cpu, work)
         else:
             smoke.run("4-bit load", check_4bit_load, cfg4)
             smoke.run("4-bit sampling", check_sampling, cfg4)
             smoke.run("QLoRA RM steps", check_qlora_steps, cfg4)
             smoke.run("reward module", check_reward_module, cfg4, work)
+            smoke.run("self-play turn", check_self_play_turn, cfg4, work)
+            smoke.run("QLoRA SFT steps", check_sft_steps, cfg4, work)
+            smoke.run("PPO steps", check_ppo_steps, cfg4, work)
         print(f"\nwall time {time.perf_counter() - t_start:.1f}s")
         return smoke.summary()
     finally:

@@ -110,6 +110,20 @@ def test_outputs_follow_input_order(tiny):
     assert len(set(batched)) == len(PROMPTS)   # distinct outputs, so a permutation would show
 
 
+def test_repeated_prompts_share_one_prefill_and_match_hf(tiny):
+    """Self-play asks for N samples of each prompt: identical rows of a batch are prefilled once
+    and copied. Greedy, every copy must equal one-at-a-time generate; sampled, the copies differ
+    and the rows of the other prompts are unaffected by which batch they share."""
+    model, tok = tiny
+    asked = [PROMPTS[1]] * 3 + [PROMPTS[2]] * 3 + [PROMPTS[0]]
+    ref = hf_one_at_a_time(model, tok, PREFIX, asked)
+    engine = TransformersEngine(model, tok, batch_size=4, progress=False)
+    assert engine.generate_tokens(asked, greedy(), PREFIX) == ref
+    sampled = engine.generate_tokens([PROMPTS[1]] * 4, SamplingParams(max_new_tokens=NEW, temperature=1.0,
+                                                                     ignore_eos=True, seed=3), PREFIX)
+    assert len({tuple(t) for t in sampled}) > 1
+
+
 def test_empty_prompt_list(tiny):
     model, tok = tiny
     assert TransformersEngine(model, tok, progress=False).generate([], greedy(), PREFIX) == []

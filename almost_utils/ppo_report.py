@@ -83,8 +83,8 @@ def findings(log: list[dict], summary: dict, gain: dict, kl_limit: float) -> str
         verdict = ("higher (the interval excludes 0)" if s["ci_low"] > 0 else
                    "lower (the interval excludes 0)" if s["ci_high"] < 0 else "not clearly different (the interval includes 0)")
         lines.append(f"- **Held-out queries.** ALMoST-PPO's answers score {s['mean']:+.3f} [{s['ci_low']:+.3f}, "
-                     f"{s['ci_high']:+.3f}] against ALMoST-SFT's: {verdict}; they are {c['mean']:+.0f} characters "
-                     f"[{c['ci_low']:+.0f}, {c['ci_high']:+.0f}] longer.")
+                     f"{s['ci_high']:+.3f}] against ALMoST-SFT's: {verdict}; length changes by {c['mean']:+.0f} characters "
+                     f"[{c['ci_low']:+.0f}, {c['ci_high']:+.0f}].")
     if "total" in gain:
         e, t = gain["at_equal_length"], gain["through_length"]
         lines.append(f"- **Through length or not.** Of the change, {t['mean']:+.3f} [{t['ci_low']:+.3f}, {t['ci_high']:+.3f}] "

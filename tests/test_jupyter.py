@@ -106,9 +106,9 @@ def _first_cells(nb):
     """The parameters cell, the cell that loads the recipe and the rubric table, in order."""
     code = [c for c in nb.cells if c.cell_type == "code"]
     params = [c for c in code if "parameters" in c.metadata.get("tags", [])]
-    loads = [c for c in code if "load_config(" in c.source]
+    loads = [c for c in code if "open_run(" in c.source]
     rubric = [c for c in code if "cfg.comparisons.rubric" in c.source]
-    for what, found in (("a 'parameters' cell", params), ("a load_config cell", loads),
+    for what, found in (("a 'parameters' cell", params), ("an open_run cell", loads),
                         ("the rubric table cell", rubric)):
         assert found, f"{NOTEBOOK.name}: no {what}"
     return params[0].source, loads[0].source, rubric[0].source

@@ -550,12 +550,10 @@ def rm_reward(scorer) -> Callable[[list[str], list[str]], list[float]]:
     return reward
 
 
-def run_ppo_stage(cfg: RunConfig, progress: bool = True, reward_fn=None, accelerator=None,
-                  stop_after: int | None = None) -> list[dict]:
+def run_ppo_stage(cfg: RunConfig, progress: bool = True, reward_fn=None, accelerator=None) -> list[dict]:
     """Run (or resume, or reuse) Step 5; returns the step log (rows of ``log.jsonl``).
 
-    ``reward_fn`` replaces the RM (tests); ``stop_after`` returns after that many steps of this
-    session, as a kill would (tests of resuming). Under ``accelerate launch`` pass the
+    ``reward_fn`` replaces the RM (tests). Under ``accelerate launch`` pass the
     ``Accelerator``; only the main process writes.
     """
     from .artifacts import Manifest, read_jsonl, write_jsonl
@@ -591,17 +589,12 @@ def run_ppo_stage(cfg: RunConfig, progress: bool = True, reward_fn=None, acceler
     if (ckpt / "state.pt").is_file():
         log = load_checkpoint(trainer, ckpt)
         say(f"ppo: resuming at step {trainer.step_count + 1} of {p.steps} from {ckpt}")
-    done_now = 0
     steps_bar = bar(total=p.steps, initial=trainer.step_count, desc="ppo steps", unit="step",
                     disable=not (progress and main))
     with (Manifest(cfg, STAGE, fp) if main else contextlib.nullcontext()) as man:
         while trainer.step_count < p.steps:
-            if stop_after is not None and done_now >= stop_after:
-                steps_bar.close()
-                return log
             row = trainer.step(step_queries(queries, trainer.step_count, p.rollout_batch, seed))
             log.append(row)
-            done_now += 1
             steps_bar.update(1)
             steps_bar.set_postfix(rm=f"{row['rm_score']:+.3f}", kl=f"{row['kl']:.3f}")
             if main:

@@ -107,11 +107,21 @@ def _copy_without_ppo(cfg, dest):
 
 
 def test_an_interrupted_ppo_resumes_with_the_same_steps(run, tmp_path):
-    from almost_utils.ppo import run_ppo_stage
+    from almost_utils.ppo import rm_reward, run_ppo_stage
+    from almost_utils.reward import load_reward_model
     cfg = run[0]
     copy = _copy_without_ppo(cfg, tmp_path / "copy")
-    part = run_ppo_stage(copy, progress=False, stop_after=3)           # killed during step 4
-    assert len(part) == 3 and check_run(copy)["ppo"] == "resume"
+    rm = rm_reward(load_reward_model(copy.run_dir / "reward_model", "cpu"))
+    calls = []
+
+    def killed_in_step_4(queries, texts):                              # the RM, then a Ctrl-C
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return rm(queries, texts)
+    with pytest.raises(KeyboardInterrupt):
+        run_ppo_stage(copy, progress=False, reward_fn=killed_in_step_4)
+    assert check_run(copy)["ppo"] == "resume" and len(read_jsonl(copy.run_dir / "ppo" / "log.jsonl")) == 3
     ckpt = copy.run_dir / "ppo" / "checkpoint"
     assert len(read_jsonl(ckpt / "log.jsonl")) == 2                      # the last checkpoint: step 2
     log = run_ppo_stage(copy, progress=False)

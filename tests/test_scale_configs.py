@@ -86,11 +86,16 @@ def test_known_sizes_match_published_parameter_counts():
 def test_memory_estimate_prints_every_stage(scale, capsys):
     assert memory_main([str(CONFIGS / f"{scale}.yaml"), "--gpu-gib", "24"]) == 0
     out = capsys.readouterr().out
-    for stage in STAGES:
+    cfg = load_config(CONFIGS / f"{scale}.yaml")
+    # every stage of the recipe (gpu has no ppo section: PPO at 7B does not fit its 24 GB card)
+    section = {"reward_model": "reward_model", "rmsp": "rmsp", "sft": "sft", "ppo": "ppo", "sft_answers": "answers"}
+    expected = {s for s in STAGES if getattr(cfg, section.get(s, "queries")) is not None}
+    assert expected >= {"queries", "comparisons", "reward_model", "rmsp", "sft", "sft_answers"}
+    for stage in expected:
         assert stage in out
     assert "peak per stage" in out and "CONTEXT TOO SHORT" not in out
-    est = estimate_memory(load_config(CONFIGS / f"{scale}.yaml"))
-    assert set(est) == set(STAGES)
+    est = estimate_memory(cfg)
+    assert set(est) == expected
     assert all(isinstance(v, float) and v > 0 for v in est.values())
 
 

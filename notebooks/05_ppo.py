@@ -18,7 +18,7 @@
 # answers fresh queries, the RM scores each answer, and the policy moves towards answers the RM
 # scores higher, held back by a penalty on its divergence (KL) from the SFT policy it started
 # from. The authors used the TRLX library and did not release this step; trl no longer ships a
-# PPO trainer. `almost_utils/ppo.py` is our own compact implementation (about 500 lines),
+# PPO trainer. `almost_utils/ppo.py` is our own compact implementation (about 650 lines with its docstrings),
 # written to be read next to the PPO papers.
 #
 # **The pieces.**

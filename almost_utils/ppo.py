@@ -73,13 +73,17 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  sum_fn: Callable[[list[float]], list[float]] | None = None) -> torch.Tensor:
     """``(x - mean) / std`` over the masked entries (the mean added back when ``shift_mean`` is
-    False); padding stays 0. The variance is the unbiased one."""
-    mean = masked_mean(x, mask)
-    n = mask.sum()
-    var = ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    False); padding stays 0. The variance is the unbiased one. ``sum_fn`` sums the three moments
+    over processes (several processes whiten with the statistics of all their tokens)."""
+    s, ss, n = [float(v) for v in ((x * mask).sum(), (x ** 2 * mask).sum(), mask.sum())]
+    if sum_fn is not None:
+        s, ss, n = sum_fn([s, ss, n])
+    mean = s / n
+    var = max(ss / n - mean ** 2, 0.0) * n / max(n - 1, 1)
+    out = (x - mean) / math.sqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
     return out * mask
@@ -382,7 +386,7 @@ class PPOTrainer:
         rewards, kl = token_rewards(score_t, old_logp, ref_logp, mask, self.kl.value)
         adv, returns = gae(rewards, old_values, mask, p.gamma, p.lam)
         if p.whiten_advantages:
-            adv = self._whiten_global(adv, mask)
+            adv = masked_whiten(adv, mask, sum_fn=self._sum)
 
         stats: dict[str, list[float]] = {"pg_loss": [], "vf_loss": [], "clipfrac": [], "approx_kl": [],
                                          "value_clipfrac": [], "entropy": []}
@@ -445,13 +449,6 @@ class PPOTrainer:
             return list(xs)
         t = torch.tensor(xs, dtype=torch.float64, device=self.device)
         return self.acc.gather(t).tolist()
-
-    def _whiten_global(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Whitening with the mean and variance over every process's tokens."""
-        s, ss, n = self._sum([float((x * mask).sum()), float((x ** 2 * mask).sum()), float(mask.sum())])
-        mean = s / n
-        var = max(ss / n - mean ** 2, 0.0) * n / max(n - 1, 1)
-        return (x - mean) / math.sqrt(var + 1e-8) * mask
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:

@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 CONFIG=${CONFIG:-data/configs/cpu.yaml}
 OVERRIDES=${OVERRIDES:-"{}"}
-NOTEBOOKS=${NOTEBOOKS:-"01_synthetic_comparisons 02_reward_model 03_rmsp 04_sft"}
+NOTEBOOKS=${NOTEBOOKS:-}                    # default: every notebook the recipe has sections for (cli notebooks)
 FRESH=${FRESH:-0}
 
 bash scripts/setup.sh
@@ -20,6 +20,7 @@ export PATH="$VENV/bin:$PATH"
 cli() { python -m almost_utils.cli "$@" --config "$CONFIG" --overrides "$OVERRIDES"; }
 
 cli setup                                   # validates the recipe, converts models once
+NOTEBOOKS=${NOTEBOOKS:-$(cli notebooks)}
 REFERENCE=$(cli where)
 if [ "$FRESH" = 1 ]; then                   # the same recipe, recomputed in a folder of its own
   FRESH_DIR=$(cli where --fresh)

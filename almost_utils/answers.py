@@ -118,10 +118,11 @@ def answer_rows(policy_name: str, policy, queries: list[dict], params: SamplingP
     return rows
 
 
-def score_rows(rows: list[dict], scorer) -> None:
-    """Add the RM's ``score`` to every row (``None`` for an empty answer), in one scorer call."""
+def score_rows(rows: list[dict], scorer, prompt_key: str = "query") -> None:
+    """Add the RM's ``score`` to every row (``None`` for an empty answer), in one scorer call; the
+    question is the row's ``prompt_key``."""
     idx = [i for i, r in enumerate(rows) if r["answer"]]
-    got = scorer.score([[("Human", rows[i]["query"])] for i in idx], [rows[i]["answer"] for i in idx]) if idx else []
+    got = scorer.score([[("Human", rows[i][prompt_key])] for i in idx], [rows[i]["answer"] for i in idx]) if idx else []
     for r in rows:
         r["score"] = None
     for i, s in zip(idx, got):

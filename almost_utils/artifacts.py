@@ -59,6 +59,24 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def read_input_jsonl(path: str | Path, where: str, missing: str = "") -> list[tuple[int, Any]]:
+    """``[(line number, parsed line)]`` of a user-supplied JSONL file, blank lines skipped; a
+    missing file or a line that is not JSON raises :class:`ConfigError` naming ``where``, the
+    file and the line (``missing`` adds a hint to the not-found message)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{where}: file not found: {path}{missing}")
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((i, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}, line {i}: not valid JSON ({e.msg})") from None
+    return rows
+
+
 def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
     """Save a matplotlib figure atomically as PNG."""
     path = Path(path)

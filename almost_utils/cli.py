@@ -71,6 +71,8 @@ def run_stage(stage: str, cfg: RunConfig) -> None:
             print(f"{name}: {STATUS_WORDS[status]} ({cfg.run_dir / name})")
     elif stage == "where":
         print(cfg.run_dir)
+    elif stage == "notebooks":
+        print(" ".join(nb for nb, sections in NOTEBOOKS.items() if all(getattr(cfg, s) is not None for s in sections)))
     elif stage == "queries":
         from .queries import generate_queries
         print(f"{len(generate_queries(cfg))} queries in {cfg.run_dir / 'queries'}")
@@ -113,12 +115,20 @@ def run_stage(stage: str, cfg: RunConfig) -> None:
     elif stage in ("sft_answers", "ppo_answers"):
         from .answers import run_answers_stage
         print(f"{len(run_answers_stage(cfg, stage=stage))} answers in {cfg.run_dir / stage}")
+    elif stage == "evaluation":
+        from .evaluation import run_evaluation_stage
+        run_evaluation_stage(cfg)
+        print(f"evaluation tables in {cfg.run_dir / 'evaluation' / 'summary.json'}")
 
 
+# The numbered notebooks and the recipe sections each needs: `run_all.sh` runs those a recipe has.
+NOTEBOOKS = {"01_synthetic_comparisons": (), "02_reward_model": ("reward_model",),
+             "03_rmsp": ("reward_model", "splits", "rmsp"), "04_sft": ("sft", "answers"), "05_ppo": ("ppo", "answers"),
+             "06_evaluation": ("evaluation",), "07_analysis": ("reward_model",)}
 STATUS_WORDS = {"new": "nothing computed yet", "resume": "started with this recipe: resumes",
                 "done": "finished with this recipe: reused"}
-STAGES = ("setup", "check", "where", "queries", "comparisons", "reward_model", "splits", "rmsp", "sft", "sft_norm",
-          "sft_answers", "ppo", "ppo_answers")
+STAGES = ("setup", "check", "where", "notebooks", "queries", "comparisons", "reward_model", "splits", "rmsp", "sft", "sft_norm",
+          "sft_answers", "ppo", "ppo_answers", "evaluation")
 
 
 def load_run_config(path: str, overrides: str | None, sets: list[str], fresh: bool) -> RunConfig:
@@ -136,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m almost_utils.cli", description=__doc__.split("\n\n")[0])
     ap.add_argument("stage", choices=STAGES + ("reproduce",),
                     help="a stage; 'check' vets every stage's folder against the recipe, 'where' prints the "
-                         "run folder, 'reproduce' compares two run folders")
+                         "run folder, 'notebooks' the notebooks the recipe runs, 'reproduce' compares two run folders")
     ap.add_argument("--config", help="recipe YAML, e.g. data/configs/cpu.yaml")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a recipe field, e.g. --set queries.num_queries=40")

@@ -226,6 +226,34 @@ class AnswersConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """Step 6: every policy on the same benchmarks (almost_utils/evaluation.py).
+
+    ``policies`` are the contestants: ``vanilla`` (the base model behind a few-shot prefix of
+    ``vanilla_demos``, the paper's prompted baseline), ``sft_norm``, ``sft``, ``ppo`` (trained in
+    this run) and ``instruct`` (the model ``instruct_model`` of ``models``, read with its own chat
+    template). Subset sizes (``None`` = everything) keep the CPU run inside its budget; a subset
+    is a seeded draw, stratified by category where there are categories.
+    """
+    policies: list[str] = field(default_factory=lambda: ["vanilla", "sft_norm", "sft", "ppo", "instruct"])
+    instruct_model: Optional[str] = None  # a key of models (e.g. SmolLM2-135M-Instruct); needed by 'instruct'
+    vanilla_demos: str = "hhh"            # a key of comparisons.demonstrations
+    vanilla_shots: int = 3
+    bigbench_dir: Optional[str] = None    # None: the cached BIG-bench tasks; a folder laid out like it (tests)
+    hhh_pairs: Optional[int] = None       # BIG-bench hhh_alignment pairs (221), stratified by category
+    truthfulqa_questions: Optional[int] = None   # BIG-bench truthful_qa questions (299)
+    questions_file: str = "data/eval/questions.jsonl"    # our open questions for pairwise A/B
+    num_questions: Optional[int] = None
+    probe_file: str = "data/eval/harm_probe.jsonl"       # requests to decline, and benign controls
+    temperature: float = 0.7              # the paper's A/B answers were sampled at 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = 128
+    probe_max_new_tokens: int = 64
+    bootstrap_samples: int = 1000
+    seed: Optional[int] = None            # None: the run's seed
+
+
+@dataclass
 class PPOConfig:
     """Step 5: PPO of ALMoST-SFT against the Step-2 RM (almost_utils/ppo.py).
 
@@ -282,6 +310,7 @@ class RunConfig:
     sft: Optional[SFTConfig] = None
     answers: Optional[AnswersConfig] = None
     ppo: Optional[PPOConfig] = None
+    evaluation: Optional[EvaluationConfig] = None
 
     # ---------------------------------------------------------------- helpers
     def path(self, p: str | Path) -> Path:
@@ -603,6 +632,44 @@ def _validate_ppo(cfg: RunConfig) -> None:
         raise ConfigError(f"ppo.temperature: must be > 0 (log-probs are computed at it), got {p.temperature}")
 
 
+EVAL_POLICIES = ("vanilla", "sft_norm", "sft", "ppo", "instruct")
+
+
+def _validate_evaluation(cfg: RunConfig) -> None:
+    """The ``evaluation`` section: known policies, what each needs, and every number's range."""
+    e = cfg.evaluation
+    if e is None:
+        return
+    if not e.policies:
+        raise ConfigError("evaluation.policies: empty; name at least one of " + ", ".join(EVAL_POLICIES))
+    for name in e.policies:
+        if name not in EVAL_POLICIES:
+            raise ConfigError(f"evaluation.policies: unknown policy {name!r} (known: {', '.join(EVAL_POLICIES)})")
+    if len(set(e.policies)) != len(e.policies):
+        raise ConfigError(f"evaluation.policies: a policy is named twice in {e.policies}")
+    trained = [n for n in e.policies if n in ("sft_norm", "sft", "vanilla")]
+    if trained and cfg.sft is None:
+        raise ConfigError(f"evaluation.policies: {trained[0]} needs the sft section (its model and training)")
+    if "ppo" in e.policies and cfg.ppo is None:
+        raise ConfigError("evaluation.policies: ppo needs the ppo section")
+    if cfg.reward_model is None:
+        raise ConfigError("evaluation: needs the reward_model section (the RM judges the pairwise answers)")
+    if "instruct" in e.policies:
+        if e.instruct_model is None:
+            raise ConfigError("evaluation.instruct_model: the policy 'instruct' needs a model (a key of models)")
+        if e.instruct_model not in cfg.models:
+            raise ConfigError(f"evaluation.instruct_model: {e.instruct_model!r} is not a key of models "
+                              f"({', '.join(cfg.models)})")
+    if e.vanilla_demos not in cfg.comparisons.demonstrations:
+        raise ConfigError(f"evaluation.vanilla_demos: {e.vanilla_demos!r} is not a key of comparisons.demonstrations")
+    for key in ("vanilla_shots", "hhh_pairs", "truthfulqa_questions", "num_questions", "max_new_tokens",
+                "probe_max_new_tokens", "bootstrap_samples"):
+        _check_positive(getattr(e, key), f"evaluation.{key}")
+    _check_sampling("evaluation", e.temperature, e.top_p)
+    if e.bigbench_dir is not None and not cfg.path(e.bigbench_dir).is_dir():
+        raise ConfigError(f"evaluation.bigbench_dir: folder not found: {cfg.path(e.bigbench_dir)}")
+
+
 def _check_files(cfg: RunConfig) -> None:
     """Every input file must exist before a model is loaded."""
     files = {"queries.seeds_file": cfg.queries.seeds_file,
@@ -610,6 +677,9 @@ def _check_files(cfg: RunConfig) -> None:
     files.update({f"comparisons.demonstrations.{k}": v for k, v in cfg.comparisons.demonstrations.items()})
     if cfg.rmsp is not None:
         files["rmsp.user_prompt"] = cfg.rmsp.user_prompt
+    if cfg.evaluation is not None:
+        files["evaluation.questions_file"] = cfg.evaluation.questions_file
+        files["evaluation.probe_file"] = cfg.evaluation.probe_file
     for where, p in files.items():
         if not cfg.path(p).is_file():
             raise ConfigError(f"{where}: file not found: {cfg.path(p)}")
@@ -651,6 +721,7 @@ def parse_config(data: dict, check_files: bool = True) -> RunConfig:
     _validate_sft(cfg)
     _validate_answers(cfg)
     _validate_ppo(cfg)
+    _validate_evaluation(cfg)
     if check_files:
         _check_files(cfg)
     return cfg

@@ -29,7 +29,8 @@ FINGERPRINT_FILE = "fingerprint.json"
 # rmsp also reads the splits: their fingerprint is one of its inputs (a stage names one upstream here).
 UPSTREAM: dict[str, str | None] = {"queries": None, "comparisons": "queries", "reward_model": "comparisons",
                                    "splits": "queries", "rmsp": "reward_model", "sft": "rmsp", "sft_norm": "rmsp",
-                                   "sft_answers": "sft_norm", "ppo": "sft", "ppo_answers": "ppo"}
+                                   "sft_answers": "sft_norm", "ppo": "sft", "ppo_answers": "ppo",
+                                   "evaluation": "reward_model"}
 # Stages that run only when the recipe has these sections.
 SECTIONS: dict[str, tuple[str, ...]] = {"reward_model": ("reward_model",), "splits": ("splits",),
                                         "rmsp": ("reward_model", "splits", "rmsp"),
@@ -37,7 +38,8 @@ SECTIONS: dict[str, tuple[str, ...]] = {"reward_model": ("reward_model",), "spli
                                         "sft_norm": ("reward_model", "splits", "rmsp", "sft"),
                                         "sft_answers": ("reward_model", "splits", "rmsp", "sft", "answers"),
                                         "ppo": ("reward_model", "splits", "rmsp", "sft", "ppo"),
-                                        "ppo_answers": ("reward_model", "splits", "rmsp", "sft", "answers", "ppo")}
+                                        "ppo_answers": ("reward_model", "splits", "rmsp", "sft", "answers", "ppo"),
+                                        "evaluation": ("reward_model", "splits", "rmsp", "sft", "evaluation")}
 
 
 class StaleOutputError(ConfigError):
@@ -181,10 +183,30 @@ def _ppo_answers_inputs(cfg: RunConfig) -> dict[str, Any]:
     return {**_common(cfg), **_flatten("answers", cfg.answers), "upstream:sft_answers": stage_fingerprint(cfg, "sft_answers")}
 
 
+def _evaluation_inputs(cfg: RunConfig) -> dict[str, Any]:
+    """The evaluation settings, its data files, the prompted baseline's demonstrations, the
+    instruction-tuned model, the benchmark archive, and every trained policy it loads."""
+    e = cfg.evaluation
+    if e is None:
+        raise ConfigError("evaluation: this recipe has no evaluation section")
+    from .bigbench import SDIST_NAME, SDIST_VERSION
+    c = cfg.comparisons
+    files = {"file:evaluation.questions_file": file_digest(cfg.path(e.questions_file)),
+             "file:evaluation.probe_file": file_digest(cfg.path(e.probe_file)),
+             "file:comparisons.preamble": file_digest(cfg.path(c.preamble)),
+             f"file:comparisons.demonstrations.{e.vanilla_demos}": file_digest(cfg.path(c.demonstrations[e.vanilla_demos]))}
+    models = [cfg.sft.model] + ([e.instruct_model] if "instruct" in e.policies else [])
+    upstream = {f"upstream:{p}": stage_fingerprint(cfg, p) for p in e.policies if p in ("sft", "sft_norm", "ppo")}
+    return {**_common(cfg), **_flatten("evaluation", e), **_models(cfg, models), **files, **upstream,
+            "benchmark:bigbench": (f"folder:{_folder_digest(cfg.path(e.bigbench_dir))}" if e.bigbench_dir
+                                   else f"{SDIST_NAME}=={SDIST_VERSION}")}
+
+
 INPUTS = {"queries": _queries_inputs, "comparisons": _comparisons_inputs, "reward_model": _reward_model_inputs,
           "splits": _splits_inputs, "rmsp": _rmsp_inputs,
           "sft": _sft_inputs("sft"), "sft_norm": _sft_inputs("sft_norm"),
-          "sft_answers": _sft_answers_inputs, "ppo": _ppo_inputs, "ppo_answers": _ppo_answers_inputs}
+          "sft_answers": _sft_answers_inputs, "ppo": _ppo_inputs, "ppo_answers": _ppo_answers_inputs,
+          "evaluation": _evaluation_inputs}
 
 
 def stage_inputs(cfg: RunConfig, stage: str) -> dict[str, Any]:

@@ -32,6 +32,9 @@ Per stage, for one process on one GPU (models are loaded one at a time):
   ``minibatch`` of prompt + response sequences, response-position logits, and the RM's weights.
 * ``sft_answers``: the prompted baseline's sampling row (the Faithful prefix; the trained
   policies read no prefix), plus the RM's weights.
+* ``evaluation``: a merged policy behind the prompted baseline's prefix, with an HHH judge prompt
+  as its query (the longest input of Step 6; its scoring passes read no more), plus the RM's
+  weights (it scores the answers to the open questions).
 
 Each total adds 0.75 GiB (CUDA context) and 10% (allocator fragmentation). Estimates, not
 measurements: expect +-20%. Prompt lengths count 3.5 characters per token (conservative for
@@ -61,7 +64,9 @@ CUDA_CONTEXT_GIB = 0.75
 FRAGMENTATION = 0.10
 NF4_BYTES = (4 + 8 / 64 + 32 / (64 * 256)) / 8   # NF4 + double-quantised absmax, per weight
 QUERY_INSTRUCTION_CHARS = 100                      # Step 0's instruction line (queries.INSTRUCTION)
-STAGES = ("queries", "comparisons", "reward_model", "rmsp", "sft", "ppo", "sft_answers")
+STAGES = ("queries", "comparisons", "reward_model", "rmsp", "sft", "ppo", "sft_answers", "evaluation")
+EVAL_PROMPT_TOKENS = 1024      # the longest BIG-bench HHH conversation with both replies, in a judge prompt
+QUESTION_CHARS = 200           # our open questions are shorter (data/eval/questions.jsonl)
 # Activations of QLoRA RM training come out near the formula at fp32 plus 10% (one unlogged H100
 # run of trl's RewardTrainer, 16 x 1024 tokens, checkpointing, random Qwen2.5-1.5B / 7B weights).
 RM_ACTIVATION_FACTOR = 1.1
@@ -95,6 +100,7 @@ KNOWN_ARCHS: dict[str, dict] = {
     "HuggingFaceTB/SmolLM2-135M-Instruct": _arch(576, 1536, 30, 9, 3, 49152, 8192, True),
 }
 KNOWN_ARCHS["meta-llama/Meta-Llama-3.1-8B"] = KNOWN_ARCHS["meta-llama/Llama-3.1-8B"]
+KNOWN_ARCHS["Qwen/Qwen2.5-7B-Instruct"] = KNOWN_ARCHS["Qwen/Qwen2.5-7B"]    # the same config.json shape
 
 
 # --------------------------------------------------------------------------- shapes
@@ -414,7 +420,7 @@ def _ppo_row(cfg: RunConfig) -> Row:
 
 
 def _steps_rows(cfg: RunConfig) -> list[Row]:
-    """Steps 3-4: self-play, SFT, the held-out answers."""
+    """Steps 3-6: self-play, SFT, PPO, the held-out answers, the evaluation."""
     rows = []
     best = cfg.comparisons.rubric[0][0]
     if cfg.rmsp is not None and cfg.reward_model is not None:
@@ -437,6 +443,17 @@ def _steps_rows(cfg: RunConfig) -> list[Row]:
                                                                                          load_in_4bit=False)})
         row = _sampling_row(merged, "sft_answers", key, (prefix, turn), cfg.answers.max_new_tokens,
                             "a merged policy behind the Faithful prefix (the prompted baseline's prompt)")
+        rows.append(_with_rm(cfg, row))
+    if cfg.evaluation is not None and cfg.sft is not None and cfg.reward_model is not None:
+        e, key = cfg.evaluation, cfg.sft.model
+        prefix, _ = comparison_prompt_tokens(cfg, e.vanilla_demos, e.vanilla_shots)
+        merged = dataclasses.replace(cfg, models={**cfg.models, key: dataclasses.replace(cfg.models[key],
+                                                                                         load_in_4bit=False)})
+        # the longest row: an HHH judge prompt (scored, one next token) or a question and its answer
+        longest = max(EVAL_PROMPT_TOKENS, _tokens(QUESTION_CHARS) + e.max_new_tokens)
+        row = _sampling_row(merged, "evaluation", key, (prefix, longest), 1,
+                            f"a merged policy behind {e.vanilla_shots} {e.vanilla_demos} demonstrations, its longest "
+                            f"row {longest} tokens (an HHH judge prompt, or a question with its answer)")
         rows.append(_with_rm(cfg, row))
     return rows
 

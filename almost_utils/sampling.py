@@ -413,6 +413,17 @@ class TransformersEngine:
         if not prompts:
             return []
         prefix_ids, queries = self._tokenize(prompts, prefix)
+        return self.generate_ids(queries, params, prefix_ids, desc)
+
+    def generate_ids(self, queries: list[list[int]], params: SamplingParams, prefix_ids: Sequence[int] = (),
+                     desc: str | None = None) -> list[list[int]]:
+        """:meth:`generate_tokens` for prompts given as token ids (a chat template's, say): every
+        row continues ``prefix_ids + queries[i]``; the prefix is computed once and shared."""
+        if not queries:
+            return []
+        if any(not q for q in queries):
+            raise ValueError("every prompt needs at least one token of its own")
+        prefix_ids = list(prefix_ids)
         order = sorted(range(len(queries)), key=lambda i: -len(queries[i]))  # similar lengths batch together
         out: list[list[int] | None] = [None] * len(queries)
         bar = progress_bar(total=len(queries), desc=desc or "sampling", unit="prompt", disable=not self.progress)
@@ -432,6 +443,72 @@ class TransformersEngine:
                 bar.set_postfix(tok_s=f"{n_tokens / (time.perf_counter() - t_start):.1f}")
         bar.close()
         return out
+
+    def next_token_logprobs(self, queries: list[list[int]], candidates: Sequence[int], prefix_ids: Sequence[int] = (),
+                            desc: str | None = None) -> torch.Tensor:
+        """Log-probabilities ``[n, len(candidates)]`` (under the full softmax) of the next token
+        after ``prefix_ids + queries[i]``, for the given candidate token ids: what a model "answers"
+        to a multiple-choice prompt. Rows are left padded behind the shared prefix; masks come from
+        real positions, so padding changes nothing (tested against one row at a time)."""
+        return self._score(queries, [[] for _ in queries], prefix_ids, desc or "scoring", candidates)
+
+    def continuation_logprobs(self, queries: list[list[int]], continuations: list[list[int]],
+                              prefix_ids: Sequence[int] = (), desc: str | None = None) -> list[list[float]]:
+        """Per-token log-probabilities of ``continuations[i]`` after ``prefix_ids + queries[i]``
+        (teacher forcing, temperature 1): the likelihood a model gives a written answer."""
+        if len(queries) != len(continuations):
+            raise ValueError(f"{len(queries)} prompts but {len(continuations)} continuations")
+        return self._score(queries, continuations, prefix_ids, desc or "scoring", None)
+
+    def _score(self, queries, continuations, prefix_ids, desc, candidates):
+        if any(not q for q in queries):
+            raise ValueError("every prompt needs at least one token of its own")
+        prefix_ids = list(prefix_ids)
+        rows = [list(q) + list(c) for q, c in zip(queries, continuations)]
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+        out: list = [None] * len(rows)
+        bar = progress_bar(total=len(rows), desc=desc, unit="seq", disable=not self.progress)
+        with _threads(self.threads), torch.inference_mode(), _attention(self.model, ATTENTION_NAME), \
+                _use_packed(self._packed()):
+            shared = self._prefix(prefix_ids) if (self.prefix_cache and prefix_ids) else None
+            rows_prefix = [] if shared is not None else prefix_ids
+            for s in range(0, len(order), self.batch_size):
+                idx = order[s:s + self.batch_size]
+                ids, kv = self._layout([rows_prefix + rows[i] for i in idx], shared, 0)
+                keep = max(len(continuations[i]) for i in idx) + 1     # positions whose logits count
+                width = ids.shape[1]
+                if width > keep:
+                    self._prefill(ids[:, :width - keep], kv)
+                hidden = self._hidden(ids[:, width - keep:], kv, width - keep)   # [B, keep, H]
+                for b, i in enumerate(idx):
+                    n = len(continuations[i])
+                    if candidates is not None:
+                        out[i] = self._logprobs(hidden[b, -1:], None, candidates)[0]
+                    else:
+                        targets = torch.tensor(continuations[i], device=hidden.device)
+                        out[i] = self._logprobs(hidden[b, keep - 1 - n:keep - 1], targets, None).tolist() if n else []
+                bar.update(len(idx))
+        bar.close()
+        return torch.stack(out) if candidates is not None else out
+
+    def _hidden(self, ids: torch.Tensor, kv: _KV, t0: int) -> torch.Tensor:
+        """Run slots ``[t0, t0 + len)`` through the decoder; return its last hidden states."""
+        kv.advance(t0, t0 + ids.shape[1])
+        return self.model.base_model(input_ids=ids, position_ids=kv.pos[:, t0:kv.t1], use_cache=False,
+                                     almost_kv=kv).last_hidden_state
+
+    def _logprobs(self, hidden: torch.Tensor, targets: torch.Tensor | None, candidates) -> torch.Tensor:
+        """Log-softmax of the model's output layer (final soft-cap included) at ``hidden`` ``[n, H]``,
+        gathered at ``targets`` ``[n]`` or at the ``candidates`` ids ``[n, k]``."""
+        from .sft import _softcap
+        z = self.model.get_output_embeddings()(hidden).float()
+        cap = _softcap(self.model)
+        if cap is not None:
+            z = torch.tanh(z / cap) * cap
+        lp = torch.log_softmax(z, dim=-1)
+        if targets is not None:
+            return lp.gather(1, targets[:, None]).squeeze(1)
+        return lp[:, torch.as_tensor(list(candidates), device=lp.device)]
 
     def clear_cache(self, weights: bool = True):
         """Forget the memoised prefix (and packed weights); they are rebuilt on the next call."""

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import random
 import shutil
 import time
@@ -108,17 +107,10 @@ def read_dialogues(path: str | Path, turns_field: str = "turns", where: str = "s
     Reads files only (no model): a missing or empty file, a row without ``turns_field`` or
     malformed turns stop here, naming the file, the line and the field.
     """
+    from .artifacts import read_input_jsonl
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{where}: dialogues file not found: {path} (has Step 3, RMSP, run?)")
     rows = []
-    for i, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}, line {i}: not valid JSON ({e.msg})") from None
+    for i, row in read_input_jsonl(path, where, " (has Step 3, RMSP, run?)"):
         if not isinstance(row, dict) or turns_field not in row:
             fields = ", ".join(row) if isinstance(row, dict) else type(row).__name__
             raise ConfigError(f"{path}, line {i}: no field {turns_field!r} (sft.turns_field); the row has: {fields}")

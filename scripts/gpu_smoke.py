@@ -29,6 +29,8 @@ Checks, each timed with its peak GPU memory; any failure makes the exit status 1
                    the 4-bit model; the adapter reloads and scores an answer
 11. PPO steps    - Step 5's trainer for two steps from that adapter (merged into bf16 weights: PPO
                    trains its LoRA on the merged policy, not in 4-bit), rewarded by that RM
+12. evaluation   - Step 6: that SFT policy as HHH judge (both orders) and by likelihood on
+                   hand-made pairs, and its answers scored by that RM
 
 Usage: python scripts/gpu_smoke.py [--device cuda|cpu] [--tokenizer auto|builtin|PATH] [--keep DIR]
 (``--device cpu`` runs what CPUs can, skipping 4-bit steps: a check of this script itself.)
@@ -427,6 +429,37 @@ def check_ppo_steps(cfg4, work: Path) -> dict:
     return {"rows": rows}
 
 
+def check_evaluation(cfg4, work: Path) -> dict:
+    """Step 6: the SFT policy of the SFT check as judge on hand-made HHH pairs (both orders, the
+    next-token probabilities of " A" / " B"), their likelihoods, and answers scored by the RM."""
+    import math
+    from almost_utils.answers import score_rows
+    from almost_utils.evaluation import Contestant, hhh_judge_rows, hhh_likelihood_rows
+    from almost_utils.reward import load_reward_model
+    from almost_utils.sampling import SamplingParams, TransformersEngine
+    from almost_utils.sft import load_policy
+    if not (work / "sft" / "adapter").is_dir() or not (work / "rm" / "adapter_config.json").is_file():
+        raise Skip("needs the SFT adapter and the RM of the previous checks")
+    policy = load_policy(work / "sft", device=cfg4.device, progress=False)
+    c = Contestant("sft", TransformersEngine(policy.model, policy.tokenizer, batch_size=4, progress=False),
+                   policy.tokenizer)
+    seeds, _ = _prompts()
+    pairs = [{"id": i, "category": "helpful", "cluster": i, "history": [("Human", q)],
+              "chosen": "Here is a short, careful answer.", "rejected": "No."} for i, q in enumerate(seeds[:4])]
+    judge, lik = hhh_judge_rows(c, pairs), hhh_likelihood_rows(c, pairs)
+    answers = [{"prompt": q, "answer": a} for q, a in zip(seeds[:4], c.answer(
+        [[("Human", q)] for q in seeds[:4]], SamplingParams(max_new_tokens=16, temperature=0.7, seed=0), "smoke"))]
+    for r in answers:
+        r["answer"] = r["answer"]["answer"]
+    score_rows(answers, load_reward_model(work / "rm", device=cfg4.device), "prompt")
+    numbers = [r["chosen"] for r in judge + lik] + [r["rejected"] for r in judge + lik]
+    if not all(math.isfinite(x) for x in numbers) or not all(0 <= r["chosen"] <= 2 for r in judge):
+        raise RuntimeError(f"bad judge or likelihood numbers: {judge[:1]} {lik[:1]}")
+    print(f"judge accuracy {sum(r['correct'] for r in judge) / len(judge):.2f}, likelihood "
+          f"{sum(r['correct'] for r in lik) / len(lik):.2f}, RM scores {[r['score'] for r in answers]}")
+    return {"judge": judge, "likelihood": lik}
+
+
 # --------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -459,6 +492,7 @@ def main(argv=None) -> int:
                 smoke.run("self-play turn", check_self_play_turn, cfg_cpu, work)
                 smoke.run("LoRA SFT steps", check_sft_steps, cfg_cpu, work)
                 smoke.run("PPO steps", check_ppo_steps, cfg_cpu, work)
+                smoke.run("evaluation", check_evaluation, cfg_cpu, work)
         else:
             smoke.run("4-bit load", check_4bit_load, cfg4)
             smoke.run("4-bit sampling", check_sampling, cfg4)
@@ -467,6 +501,7 @@ def main(argv=None) -> int:
             smoke.run("self-play turn", check_self_play_turn, cfg4, work)
             smoke.run("QLoRA SFT steps", check_sft_steps, cfg4, work)
             smoke.run("PPO steps", check_ppo_steps, cfg4, work)
+            smoke.run("evaluation", check_evaluation, cfg4, work)
         print(f"\nwall time {time.perf_counter() - t_start:.1f}s")
         return smoke.summary()
     finally:

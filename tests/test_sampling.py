@@ -256,3 +256,51 @@ def test_nucleus_falls_back_when_first_guess_is_short():
     probs, ids = nucleus(logits, 0.9, first_cut=0.001)   # the first guess holds a token or two
     assert ((probs[:2] > 0).sum(-1) > 2500).all()
     assert torch.allclose(nucleus_dense(logits, 0.9, 0.001), reference_top_p(logits, 0.9), atol=1e-7)
+
+
+# --------------------------------------------------------------------------- scoring through the engine
+def plain_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """log-softmax of every position of one unpadded row, by a plain forward: ``[len, V]``."""
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)).logits
+    return torch.log_softmax(logits[0].float(), dim=-1)
+
+
+@pytest.mark.parametrize("with_prefix", [False, True])
+def test_next_token_logprobs_match_a_plain_forward(tiny, with_prefix):
+    """Left padding behind a shared prefix (longer than the window) changes nothing."""
+    model, tok = tiny
+    engine = TransformersEngine(model, tok, batch_size=3, progress=False)
+    prefix = tok(PREFIX).input_ids if with_prefix else []
+    rows = [tok(p, add_special_tokens=not with_prefix).input_ids for p in PROMPTS]
+    cands = [tok(" A", add_special_tokens=False).input_ids[0], tok(" B", add_special_tokens=False).input_ids[0]]
+    got = engine.next_token_logprobs(rows, cands, prefix)
+    assert got.shape == (len(PROMPTS), 2)
+    for i, r in enumerate(rows):
+        want = plain_logprobs(model, prefix + r)[-1, cands]
+        torch.testing.assert_close(got[i], want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("with_prefix", [False, True])
+def test_continuation_logprobs_match_a_plain_forward(tiny, with_prefix):
+    model, tok = tiny
+    engine = TransformersEngine(model, tok, batch_size=2, progress=False)
+    prefix = tok(PREFIX).input_ids if with_prefix else []
+    rows = [tok(p, add_special_tokens=not with_prefix).input_ids for p in PROMPTS]
+    conts = [tok(c, add_special_tokens=False).input_ids
+             for c in [" yes", " It became the capital long ago.", "", " Once upon a time", " Water them."]]
+    got = engine.continuation_logprobs(rows, conts, prefix)
+    for r, c, g in zip(rows, conts, got):
+        lp = plain_logprobs(model, prefix + r + c)
+        want = [float(lp[len(prefix) + len(r) - 1 + j, t]) for j, t in enumerate(c)]
+        assert g == pytest.approx(want, abs=1e-4)
+    with pytest.raises(ValueError, match="continuations"):
+        engine.continuation_logprobs(rows, conts[:2], prefix)
+
+
+def test_generate_ids_equals_generate_tokens(tiny):
+    model, tok = tiny
+    engine = TransformersEngine(model, tok, batch_size=4, progress=False)
+    want = engine.generate_tokens(PROMPTS, greedy(), prefix=PREFIX)
+    rows = [tok(p, add_special_tokens=False).input_ids for p in PROMPTS]
+    assert engine.generate_ids(rows, greedy(), tok(PREFIX).input_ids) == want

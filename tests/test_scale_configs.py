@@ -207,3 +207,11 @@ def test_gpu_smoke_script_is_not_collected_and_is_executable():
     assert "gpu_smoke.py" in sh.read_text()
     src = (ROOT / "scripts" / "gpu_smoke.py").read_text()
     compile(src, "gpu_smoke.py", "exec")
+
+
+@pytest.mark.parametrize("scale, without", [("cpu", []), ("gpu", ["05_ppo"]), ("paper", [])])
+def test_run_all_runs_the_notebooks_a_recipe_has_sections_for(scale, without, capsys):
+    from almost_utils.cli import NOTEBOOKS, main
+    assert main(["notebooks", "--config", str(CONFIGS / f"{scale}.yaml")]) == 0
+    assert capsys.readouterr().out.split() == [nb for nb in NOTEBOOKS if nb not in without]
+    assert sorted(NOTEBOOKS) == sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb"))

@@ -185,7 +185,7 @@ def test_engine_greedy_tokens_agree_with_plain_forward_logprobs(tmp_path):
 # --------------------------------------------------------------------------- bad input
 def test_bad_input_stops_before_a_model_loads_and_names_it(tmp_path, no_model_loads):
     cfg = _finished_rmsp(tmp_path / "missing", rows=[], name="other.jsonl")
-    with pytest.raises(ConfigError, match=r"sft.dialogues.sft: dialogues file not found: .*rmsp/dialogues.jsonl"):
+    with pytest.raises(ConfigError, match=r"sft.dialogues.sft: file not found: .*rmsp/dialogues.jsonl"):
         S.run_sft_stage(cfg, "sft", progress=False)
     cfg = _finished_rmsp(tmp_path / "empty", rows=[])
     with pytest.raises(ConfigError, match=r"dialogues.jsonl holds no dialogues"):

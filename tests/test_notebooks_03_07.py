@@ -1,6 +1,6 @@
-"""Notebooks 03 (self-play), 04 (SFT) and 05 (PPO) run end to end on the tiny recipe (papermill);
-PPO resumes after an interruption to the same steps, and runs under ``accelerate launch`` with two
-processes.
+"""Notebooks 03 (self-play), 04 (SFT), 05 (PPO), 06 (evaluation) and 07 (analysis) run end to end
+on the tiny recipe (papermill); PPO resumes after an interruption to the same steps, and runs under
+``accelerate launch`` with two processes; rerunning notebook 07 rewrites the same tables.
 
 They build on notebook 01's tiny run (the session fixture ``tiny_run``) and a Step-2 RM trained
 here by the real stage (one RM: the no-filter ablation is off to save time).
@@ -42,11 +42,13 @@ def run(tmp_path_factory, tiny_run):
     nb03 = run_notebook("03_rmsp", out / "notebooks", output_dir=str(out), **OVER)
     nb04 = run_notebook("04_sft", out / "notebooks", output_dir=str(out), **OVER)
     nb05 = run_notebook("05_ppo", out / "notebooks", output_dir=str(out), **OVER)
-    return cfg, nb03, nb04, nb05
+    nb06 = run_notebook("06_evaluation", out / "notebooks", output_dir=str(out), **OVER)
+    nb07 = run_notebook("07_analysis", out / "notebooks", output_dir=str(out), **OVER)
+    return {"cfg": cfg, "03": nb03, "04": nb04, "05": nb05, "06": nb06, "07": nb07}
 
 
 def test_notebook03_plays_dialogues_and_draws_its_figures(run):
-    cfg, nb03, _, _ = run
+    cfg, nb03 = run["cfg"], run["03"]
     errors, text = _outputs(nb03)
     assert not errors
     assert "kept candidate" in text and "Best of 3" in text and "RM's pick is the longest" in text
@@ -59,7 +61,7 @@ def test_notebook03_plays_dialogues_and_draws_its_figures(run):
 
 
 def test_notebook04_trains_both_variants_and_compares_three_policies(run):
-    cfg, _, nb04, _ = run
+    cfg, nb04 = run["cfg"], run["04"]
     errors, text = _outputs(nb04)
     assert not errors
     assert "ALMoST-SFT vs SFT-noRM" in text
@@ -86,7 +88,7 @@ def _plain(log):
 
 
 def test_notebook05_trains_ppo_and_compares_it_with_sft(run):
-    cfg, _, _, nb05 = run
+    cfg, nb05 = run["cfg"], run["05"]
     errors, text = _outputs(nb05)
     assert not errors
     assert "Training." in text and "at equal length" in text
@@ -102,14 +104,15 @@ def test_notebook05_trains_ppo_and_compares_it_with_sft(run):
 
 
 def _copy_without_ppo(cfg, dest):
-    shutil.copytree(cfg.run_dir, dest, ignore=shutil.ignore_patterns("ppo", "ppo_answers", "notebooks"))
+    shutil.copytree(cfg.run_dir, dest, ignore=shutil.ignore_patterns("ppo", "ppo_answers", "evaluation", "analysis",
+                                                                     "notebooks"))
     return load_config(TINY, {"output_dir": str(dest), **OVER})
 
 
 def test_an_interrupted_ppo_resumes_with_the_same_steps(run, tmp_path):
     from almost_utils.ppo import rm_reward, run_ppo_stage
     from almost_utils.reward import load_reward_model
-    cfg = run[0]
+    cfg = run["cfg"]
     copy = _copy_without_ppo(cfg, tmp_path / "copy")
     rm = rm_reward(load_reward_model(copy.run_dir / "reward_model", "cpu"))
     calls = []
@@ -132,7 +135,7 @@ def test_an_interrupted_ppo_resumes_with_the_same_steps(run, tmp_path):
 
 
 def test_ppo_under_accelerate_launch_with_two_processes(run, tmp_path):
-    cfg = run[0]
+    cfg = run["cfg"]
     copy = _copy_without_ppo(cfg, tmp_path / "two")
     venv_bin = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1",
@@ -149,3 +152,32 @@ def test_ppo_under_accelerate_launch_with_two_processes(run, tmp_path):
     assert [r["step"] for r in log] == list(range(1, copy.ppo.steps + 1)) and log[0]["kl"] == 0.0
     assert (copy.run_dir / "ppo" / "adapter" / "adapter_model.safetensors").is_file()
     assert not list((copy.run_dir / "ppo").glob(".manifest*"))
+
+
+def test_notebook06_evaluates_every_policy(run):
+    cfg = run["cfg"]
+    errors, text = _outputs(run["06"])
+    assert not errors
+    assert "length-controlled" in text and "No judge endpoint configured" in text and 'P(" A")' in text
+    summary = read_json(cfg.run_dir / "evaluation" / "summary.json")
+    policies = set(cfg.evaluation.policies)
+    for ev in ("hhh_judge", "hhh_likelihood", "truthfulqa", "refusals"):
+        assert {r["policy"] for r in summary[ev]} == policies
+    assert len(summary["pairwise"]["rm"]) == len(policies) * (len(policies) - 1) // 2
+    for name in ("hhh_by_category", "win_rates", "answer_lengths", "truthfulqa_refusals"):
+        assert (cfg.run_dir / "evaluation" / "figures" / f"{name}.png").stat().st_size > 1000
+    assert check_run(cfg)["evaluation"] == "done"
+
+
+def test_notebook07_rebuilds_the_same_tables_on_a_rerun(run, tmp_path):
+    cfg = run["cfg"]
+    errors, text = _outputs(run["07"])
+    assert not errors and ("supported" in text or "not shown" in text)
+    folder = cfg.run_dir / "analysis"
+    names = ("rm_accuracy", "policies", "hhh_by_category", "pairwise", "claims", "stage_times")
+    first = {n: (folder / f"{n}.md").read_bytes() + (folder / f"{n}.csv").read_bytes() for n in names}
+    for name in ("win_rates", "answer_lengths", "hhh_by_category", "ppo_curves", "best_of_n"):
+        assert (folder / "figures" / f"{name}.png").stat().st_size > 1000
+    again = run_notebook("07_analysis", tmp_path, output_dir=str(cfg.run_dir), **OVER)
+    assert not _outputs(again)[0]
+    assert {n: (folder / f"{n}.md").read_bytes() + (folder / f"{n}.csv").read_bytes() for n in names} == first

@@ -78,6 +78,23 @@ def policies_table(summary: dict) -> pd.DataFrame:
     return pd.DataFrame(out).T
 
 
+def position_table(units: dict) -> pd.DataFrame:
+    """How much of the policy-as-judge result is position: per policy, the share of HHH pairs on
+    which the same letter wins in both orders (the reply then never decides the choice), the
+    letter that wins more often, and the probability mass on the two letters."""
+    rows = {}
+    for p, got in units["hhh_judge"].items():
+        first_a = [r["p_chosen_first"][0] > r["p_chosen_first"][1] for r in got]
+        second_a = [r["p_chosen_second"][0] > r["p_chosen_second"][1] for r in got]
+        same = np.mean([x == y for x, y in zip(first_a, second_a)])
+        share_a = np.mean(first_a + second_a)
+        mass = np.mean([sum(r["p_chosen_first"]) + sum(r["p_chosen_second"]) for r in got]) / 2
+        rows[label(p)] = {"same letter in both orders": f"{same:.0%}",
+                          "more often": f"A ({share_a:.0%})" if share_a >= 0.5 else f"B ({1 - share_a:.0%})",
+                          'P(" A") + P(" B")': f"{mass:.2f}"}
+    return pd.DataFrame(rows).T
+
+
 def winrate_table(rows: list[dict]) -> pd.DataFrame:
     """Pairwise win rates of ``a`` against ``b``: raw and length-controlled, with intervals."""
     return pd.DataFrame([{

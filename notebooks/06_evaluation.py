@@ -117,6 +117,14 @@ display(report.hhh_table(summary, "hhh_likelihood"))
 display(Markdown(f"![HHH by category]({figures['hhh_by_category']})"))
 
 # %% [markdown]
+# How much of the judge's accuracy is position? When the same letter wins in both orders, the
+# reply never decided the choice; the accuracy then comes from small shifts of the two letters'
+# probabilities, which is what the both-orders score sums.
+
+# %%
+display(report.position_table(data["units"]))
+
+# %% [markdown]
 # ## Every policy in one table
 # TruthfulQA MC1 by both protocols, refusals on the probe (our keyword detector, below), and the
 # length and RM score of the answers to our open questions.

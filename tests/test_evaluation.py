@@ -333,3 +333,11 @@ def test_the_committed_cpu_tables_are_rebuilt_exactly_from_its_artifacts():
         index = not isinstance(df.index, pd.RangeIndex)
         assert markdown(df, index) == (run / "analysis" / f"{name}.md").read_text(), name
         assert df.to_csv(index=index) == (run / "analysis" / f"{name}.csv").read_text(), name
+
+
+def test_position_table_counts_pairs_where_one_letter_wins_both_orders():
+    from almost_utils.evaluation_report import position_table
+    rows = [{"p_chosen_first": [0.6, 0.2], "p_chosen_second": [0.5, 0.3]},     # " A" both times: position
+            {"p_chosen_first": [0.7, 0.1], "p_chosen_second": [0.2, 0.6]}]     # follows the reply
+    t = position_table({"hhh_judge": {"sft": rows}})
+    assert t.loc["ALMoST-SFT"].tolist() == ["50%", "A (75%)", "0.80"]

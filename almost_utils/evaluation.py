@@ -110,8 +110,8 @@ class Contestant:
             messages = [{"role": "user" if r == "Human" else "assistant", "content": t.strip()} for r, t in history]
             ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
             return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        from .sft import Policy
-        ids = Policy.prompt_ids(self, list(history))             # the training format, BOS included
+        from .sft import prompt_ids
+        ids = prompt_ids(tok, list(history))                     # the training format, BOS included
         return ids[len(tok("").input_ids):] if self.prefix_ids else ids   # the prefix carries the BOS
 
     def reply_ids(self, text: str) -> list[int]:

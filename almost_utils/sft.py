@@ -570,6 +570,19 @@ def _history(query: Query) -> list[Turn]:
     return _check_turns([list(t) for t in turns] + [["Assistant", ""]], "query")[:-1]
 
 
+def prompt_ids(tok, query: Query, prefix: str = "") -> list[int]:
+    """The ids of a dialogue so far as in training (pieces tokenized apart, BOS first), ending in
+    an open Assistant turn; a few-shot ``prefix`` gets the special tokens and the dialogue none,
+    as the engine joins them."""
+    pairs = exchanges(_history(query) + [("Assistant", "")])
+    ids, _ = encode_exchanges(tok, pairs)
+    ids = ids[:-1]                                               # the open turn has no answer (nor EOS)
+    if prefix:
+        specials = len(tok("").input_ids)                        # BOS the dialogue no longer needs
+        ids = tok(prefix).input_ids + ids[specials:]
+    return ids
+
+
 class Policy:
     """A causal LM in the inference format: sampling through the engine, log-probs by a plain forward.
 
@@ -601,16 +614,8 @@ class Policy:
         return done + prompt_piece(pairs[-1][0])
 
     def prompt_ids(self, query: Query, prefix: str = "") -> list[int]:
-        """The prompt's ids exactly as in training (pieces tokenized apart); a few-shot ``prefix``
-        gets the special tokens and the dialogue none, as the engine joins them."""
-        pairs = exchanges(_history(query) + [("Assistant", "")])
-        ids, _ = encode_exchanges(self.tokenizer, pairs)
-        ids = ids[:-1]                                           # the open turn has no answer (nor EOS)
-        if prefix:
-            head = self.tokenizer(prefix).input_ids
-            specials = len(self.tokenizer("").input_ids)         # BOS the dialogue no longer needs
-            ids = head + ids[specials:]
-        return ids
+        """The prompt's ids exactly as in training (see :func:`prompt_ids`)."""
+        return prompt_ids(self.tokenizer, query, prefix)
 
     # ---------------------------------------------------------------- sampling
     def _params(self, params):
